@@ -1,0 +1,3 @@
+from gtrain.cli import main
+
+main()

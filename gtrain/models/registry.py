@@ -1,0 +1,69 @@
+"""One registry, one door: every model gtrain builds goes through `create_model`.
+
+A family registers its variant table (name -> frozen config dataclass) and the one
+model class that reads those configs. Overrides replace fields of the config, so a
+user can change `drop_path_rate` without a new variant, and a misspelt override is an
+error instead of being ignored.
+"""
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from gtrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    family: str
+    config: Any  # the family's frozen config dataclass
+    model_class: type[nn.Module]
+
+    @property
+    def input_size(self) -> int:
+        return self.config.input_size
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_family(family: str, variants: dict[str, Any], model_class: type[nn.Module]) -> None:
+    for name, config in variants.items():
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelEntry(name, family, config, model_class)
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(close)}?" if close else f"valid: {', '.join(sorted(choices))}"
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        raise UserError(
+            f"unknown model {name!r}: {_closest(name, list(_REGISTRY))} "
+            "(`gtrain models` lists them all)"
+        )
+    return _REGISTRY[name]
+
+
+def create_model(name: str, *, num_classes: int, in_chans: int = 3, **overrides: Any) -> nn.Module:
+    """Build the registered model `name`; `overrides` replace fields of its variant config."""
+    entry = get_model_entry(name)
+    fields = {f.name for f in dataclasses.fields(entry.config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UserError(
+            f"model {name!r} has no setting {unknown[0]!r}: {_closest(unknown[0], sorted(fields))}"
+        )
+    config = dataclasses.replace(entry.config, **overrides)
+    return entry.model_class(config, num_classes=num_classes, in_chans=in_chans)

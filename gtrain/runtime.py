@@ -1,0 +1,75 @@
+"""Device, precision, memory format and seeding: the small decisions the loop delegates."""
+
+import contextlib
+import functools
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from gtrain.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device = {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"train.device = {name!r}: no CUDA GPU is visible here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"train.device = {name!r}: gtrain trains on cpu or cuda")
+    return device
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: there bf16 autocast made a ResNeXt-50 training step 1.6x faster
+    than fp32 (docs/benchmarks.md); without them bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("train.precision = 'fp16' needs a CUDA GPU; on CPU use bf16 (or auto)")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_channels_last(setting: str, device: torch.device) -> bool:
+    """auto: channels_last on CUDA, where cuDNN's NHWC kernels are faster for these
+    models; on CPU grouped and depthwise convs measured no faster in NHWC."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "on"
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        # cuBLAS needs this workspace setting for deterministic matmuls.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True

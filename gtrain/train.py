@@ -1,0 +1,334 @@
+"""`gtrain fit`: a recipe becomes a model, loaders and a training loop.
+
+`fit` sets the run up and walks the epochs; `train_one_epoch` is the loop itself, read
+top to bottom: batch, forward, loss, backward, step, log. Everything else (precision,
+memory format, checkpoints, progress) is a small helper they call.
+"""
+
+import json
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gtrain import runtime
+from gtrain.checkpoint import WeightsMeta, load_state, save_state, save_weights, write_text_atomic
+from gtrain.data import build_data
+from gtrain.errors import UserError
+from gtrain.evaluate import evaluate
+from gtrain.loaders import EpochSampler, make_eval_loader, make_train_loader
+from gtrain.models import create_model
+from gtrain.optim import build_optimizer, build_scheduler
+from gtrain.progress import EpochRow, Reporter, format_seconds
+from gtrain.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.toml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.safetensors"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final.safetensors"
+
+
+@dataclass
+class Progress:
+    """Where the run is: everything besides the modules that a resume needs."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimizer steps done in the current (unfinished) epoch
+    best_top1: float = -1.0
+    best_epoch: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # the rows of metrics.jsonl
+
+
+class StopRequest:
+    """First SIGINT/SIGTERM: finish the current step, checkpoint, exit. Second SIGINT:
+    stop at once (the checkpoint on disk is still the previous, intact one)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        self.exit_code = 128 + signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler,
+    *,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    label_smoothing: float,
+    clip_grad_norm: float | None,
+    start_step: int,
+    reporter: Reporter,
+    stop: StopRequest,
+) -> tuple[float, float, int]:
+    """Returns (mean train loss, images/s, steps done in this epoch including earlier ones)."""
+    model.train()
+    steps = start_step + len(loader)
+    loss_sum = torch.zeros((), device=device)
+    images = 0
+    step = start_step
+    start = last_report = time.perf_counter()
+    for inputs, targets in loader:
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+
+        with runtime.autocast(device, precision):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        loss_sum += loss.detach()
+        images += targets.numel()
+        step += 1
+        now = time.perf_counter()
+        if now - last_report > reporter.refresh_s or step == steps:
+            last_report = now
+            images_per_s = images / (now - start)
+            eta_s = (steps - step) * (now - start) / (step - start_step)
+            reporter.step(step, loss.item(), optimizer.param_groups[0]["lr"], images_per_s, eta_s)
+        if stop and step < steps:
+            break
+    done = step - start_step
+    mean_loss = (loss_sum / max(done, 1)).item()
+    return mean_loss, images / max(time.perf_counter() - start, 1e-9), step
+
+
+def check_finite(loss: float, epoch: int, paths: RunFolder) -> None:
+    if not torch.isfinite(torch.tensor(loss)):
+        kept = f"the last good checkpoint {paths.last} is kept" if paths.last.exists() else "no checkpoint was written yet"
+        raise UserError(
+            f"training loss became {loss} in epoch {epoch}; {kept}. Try a lower optim.lr, "
+            "optim.clip_grad_norm = 1.0, or train.precision = 'bf16' instead of fp16"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    recipe_name: str,
+    reporter: Reporter,
+    device: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train `recipe` into `run_dir`; with `resume`, continue from its last checkpoint."""
+    paths = RunFolder(Path(run_dir))
+    train = recipe.train
+    device_ = runtime.resolve_device(device or train.device)
+    precision = runtime.resolve_precision(train.precision, device_)
+    channels_last = runtime.resolve_channels_last(train.channels_last, device_)
+    runtime.seed_everything(train.seed, train.deterministic)
+
+    data = build_data(
+        recipe.data.dataset,
+        root=Path(recipe.data.root),
+        download=recipe.data.download,
+        image_size=recipe.data.image_size,
+        augment=recipe.data.augment,
+        val_split=recipe.data.val_split,
+    )
+    info = data.info
+    if len(data.train) < recipe.data.batch_size:
+        raise UserError(
+            f"data.batch_size = {recipe.data.batch_size} is larger than the {len(data.train)} training images "
+            f"of {info.name}: lower data.batch_size"
+        )
+    model = create_model(
+        recipe.model.name, num_classes=info.num_classes, in_chans=info.in_chans, **recipe.model_overrides()
+    ).to(device_)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    pin_memory = device_.type == "cuda"
+    train_loader, sampler = make_train_loader(
+        data.train, batch_size=recipe.data.batch_size, seed=train.seed, workers=recipe.data.workers, pin_memory=pin_memory
+    )
+    val_loader = make_eval_loader(data.val, batch_size=recipe.data.batch_size, workers=recipe.data.workers, pin_memory=pin_memory)
+    steps_per_epoch = len(data.train) // recipe.data.batch_size
+    optimizer = build_optimizer(model, recipe.optim)
+    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=train.epochs, optim=recipe.optim)
+    scaler = torch.amp.GradScaler(device_.type, enabled=precision == "fp16")
+    progress = Progress()
+
+    if resume:
+        state = load_state(paths.last)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        progress = Progress(**state["progress"])
+        set_rng_state(state["rng"])
+    write_text_atomic(paths.recipe, recipe.to_toml())
+
+    meta = WeightsMeta(
+        model=recipe.model.name,
+        num_classes=info.num_classes,
+        in_chans=info.in_chans,
+        image_size=info.image_size,
+        mean=info.mean,
+        std=info.std,
+        class_names=info.class_names,
+        dataset=info.name,
+        model_settings=recipe.model_overrides(),
+    )
+
+    def checkpoint() -> None:
+        save_state(
+            paths.last,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "progress": vars(progress),
+                "rng": rng_state(),
+                "recipe": recipe.to_dict(),
+            },
+        )
+
+    params = sum(p.numel() for p in model.parameters())
+    reporter.start(
+        {
+            "model": f"{recipe.model.name} ({params / 1e6:.2f}M parameters)",
+            "dataset": f"{info.name}: {len(data.train):,} train / {len(data.val):,} val images, "
+            f"{info.num_classes} classes, {info.in_chans}x{info.image_size}x{info.image_size}",
+            "device": f"{device_} ({precision}, {'channels_last' if channels_last else 'NCHW'})",
+            "batch": f"{recipe.data.batch_size} x {steps_per_epoch} steps per epoch",
+            "epochs": f"{train.epochs}" + (f" (resuming after epoch {progress.epoch}, step {progress.step_in_epoch})" if resume else ""),
+            "output": str(paths.root),
+        }
+    )
+
+    run_start = time.perf_counter() - progress.elapsed_s
+    with StopRequest() as stop:
+        for epoch in range(progress.epoch, train.epochs):
+            epoch_start = time.perf_counter()
+            sampler.set_epoch(epoch, start=progress.step_in_epoch * recipe.data.batch_size)
+            reporter.epoch_start(epoch + 1, train.epochs, steps_per_epoch, progress.step_in_epoch)
+            train_loss, images_per_s, step = train_one_epoch(
+                model, train_loader, optimizer, scheduler, scaler,
+                device=device_, precision=precision, channels_last=channels_last,
+                label_smoothing=train.label_smoothing, clip_grad_norm=recipe.optim.clip_grad_norm,
+                start_step=progress.step_in_epoch, reporter=reporter, stop=stop,
+            )  # fmt: skip
+            check_finite(train_loss, epoch + 1, paths)
+            if step < steps_per_epoch:  # stopped by a signal in the middle of the epoch
+                reporter.close()
+                progress.step_in_epoch = step
+                progress.elapsed_s = time.perf_counter() - run_start
+                checkpoint()
+                raise Interrupted(stop.signum)
+
+            result = evaluate(
+                model, val_loader, num_classes=info.num_classes, device=device_,
+                precision=precision, channels_last=channels_last,
+            )  # fmt: skip
+            row = EpochRow(
+                epoch=epoch + 1, epochs=train.epochs, train_loss=train_loss, val_loss=result.loss,
+                val_top1=result.top1, val_top5=result.top5, lr=optimizer.param_groups[0]["lr"],
+                images_per_s=images_per_s, seconds=time.perf_counter() - epoch_start,
+            )  # fmt: skip
+            reporter.epoch_end(row)
+            progress.epoch, progress.step_in_epoch = epoch + 1, 0
+            progress.elapsed_s = time.perf_counter() - run_start
+            progress.history.append({k: v for k, v in vars(row).items() if k != "epochs"})
+            write_text_atomic(paths.metrics, "".join(json.dumps(r) + "\n" for r in progress.history))
+            if result.top1 > progress.best_top1:
+                progress.best_top1, progress.best_epoch = result.top1, epoch + 1
+                save_weights(paths.best, model, meta)
+            checkpoint()
+            if stop:
+                raise Interrupted(stop.signum)
+
+    save_weights(paths.final, model, meta)
+    summary = {
+        "best top-1": f"{progress.best_top1:.2%} (epoch {progress.best_epoch})",
+        "final top-1": f"{progress.history[-1]['val_top1']:.2%}" if progress.history else "-",
+        "time": format_seconds(progress.elapsed_s),
+        "written to": str(paths.root),
+    }
+    reporter.summary(summary)
+    return {
+        "best_top1": progress.best_top1,
+        "best_epoch": progress.best_epoch,
+        "epochs": progress.epoch,
+        "seconds": progress.elapsed_s,
+        "run_dir": str(paths.root),
+    }

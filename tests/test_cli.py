@@ -1,0 +1,123 @@
+"""The command line end to end: fit then eval on data the tests write, through the real
+torchvision loaders, and the one-line errors users get for their mistakes."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from gtrain.cli import app
+
+runner = CliRunner()
+
+TINY = ["--set", "model.name=resnext29_2x16d", "--set", "data.workers=0", "--set", "train.precision=fp32"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_fit_then_eval_on_mnist_format_data(tmp_path, mnist_root):
+    run = tmp_path / "run"
+    result = invoke("fit", "quickstart", *TINY, "--set", "data.dataset=MNIST", "--set", f"data.root={mnist_root}",
+                    "--set", "train.epochs=2", "--set", "data.batch_size=32", "--out", run)
+    assert result.exit_code == 0, result.output
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert set(rows[0]) >= {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "seconds"}
+    assert "MNIST" in (run / "recipe.toml").read_text()
+
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["progress"]["epoch"] == 2
+    with safe_open(run / "best.safetensors", "pt") as weights:
+        meta = weights.metadata()
+    assert meta["model"] == "resnext29_2x16d" and meta["num_classes"] == "10" and meta["in_chans"] == "1"
+    assert json.loads(meta["class_names"])[0].startswith("0")
+    assert {"image_size", "mean", "std", "gtrain_version"} <= set(meta)
+
+    result = invoke("eval", run, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert 0 <= report["top5"] <= 1 and report["top1"] <= report["top5"]
+    assert report["images"] == 100 and len(report["per_class"]) == 10
+    best = max(r["val_top1"] for r in rows)
+    assert report["top1"] == pytest.approx(best)
+
+    result = invoke("eval", run / "final.safetensors", "--set", f"data.root={mnist_root}")
+    assert result.exit_code == 0, result.output
+    assert "per-class accuracy" in result.output
+
+
+def test_fit_then_eval_on_an_image_folder(tmp_path, imagefolder_root):
+    run = tmp_path / "run"
+    result = invoke("fit", *TINY, "--set", "data.dataset=ImageFolder", "--set", f"data.root={imagefolder_root}",
+                    "--set", "data.image_size=32", "--set", "data.batch_size=16", "--set", "train.epochs=1", "--out", run)
+    assert result.exit_code == 0, result.output
+    result = invoke("eval", run, "--split", "val", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["dataset"] == "ImageFolder"
+    assert [row["class"] for row in report["per_class"]] == sorted(p.name for p in (imagefolder_root / "train").iterdir())
+
+
+def test_resume_continues_a_finished_run_with_more_epochs(tmp_path, mnist_root):
+    run = tmp_path / "run"
+    common = [*TINY, "--set", "data.dataset=MNIST", "--set", f"data.root={mnist_root}", "--set", "data.batch_size=50"]
+    assert invoke("fit", *common, "--set", "train.epochs=1", "--out", run).exit_code == 0
+    result = invoke("fit", "--resume", run, "--set", "train.epochs=2")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_unknown_key_is_one_line_with_exit_code_2():
+    result = invoke("fit", "quickstart", "--set", "optim.lrr=0.1")
+    assert result.exit_code == 2
+    assert "unknown key optim.lrr: did you mean lr?" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_fix(tmp_path):
+    result = invoke("fit", "quickstart", "--set", "data.dataset=MNIST", "--set", f"data.root={tmp_path}", "--out", tmp_path / "r")
+    assert result.exit_code == 2
+    assert "MNIST" in result.output and str(tmp_path) in result.output and "data.download" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_eval_of_something_that_is_not_a_run_is_one_line(tmp_path):
+    junk = tmp_path / "weights.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    result = invoke("eval", junk)
+    assert result.exit_code == 2 and "not a valid safetensors file" in result.output
+    result = invoke("eval", tmp_path)
+    assert result.exit_code == 2 and "is it a gtrain run folder?" in result.output
+
+
+def test_fit_refuses_to_overwrite_a_run(tmp_path, mnist_root):
+    run = tmp_path / "run"
+    common = [*TINY, "--set", "data.dataset=MNIST", "--set", f"data.root={mnist_root}", "--set", "train.epochs=1", "--out", run]
+    assert invoke("fit", *common).exit_code == 0
+    result = invoke("fit", *common)
+    assert result.exit_code == 2 and f"--resume {run}" in result.output
+
+
+def test_recipes_lists_the_bundled_recipes():
+    result = invoke("recipes")
+    assert result.exit_code == 0 and "quickstart" in result.output
+
+
+def test_models_json_lists_every_model_with_its_size():
+    from gtrain.models import list_models
+
+    result = invoke("models", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["name"] for r in rows] == list_models()
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["resnext50_32x4d"]["params"] == 25_028_904
+    # torchvision's documented cost of ResNeXt-50 32x4d: 4.23 GMACs, i.e. about 8.5 GFLOPs.
+    assert by_name["resnext50_32x4d"]["gflops"] == pytest.approx(8.46, rel=0.02)
+    assert all(set(r) == {"name", "family", "params", "gflops", "input_size"} for r in rows)
