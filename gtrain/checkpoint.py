@@ -12,6 +12,7 @@ the old file, so a crash at any moment leaves the previous file intact.
 import io
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror}; choose a writable folder with --out") from None
     try:
+        # mkstemp creates the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH) & ~umask)
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()

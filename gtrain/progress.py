@@ -60,7 +60,7 @@ class Reporter:
             self.console.print(Panel(grid, title="gtrain fit", expand=False))
         else:
             for key, value in facts.items():
-                self.console.print(f"{key}: {value}", highlight=False)
+                self.console.print(f"{key}: {value}", highlight=False, soft_wrap=True)
 
     # -- during an epoch -------------------------------------------------------------
     def epoch_start(self, epoch: int, epochs: int, steps: int, start_step: int = 0) -> None:
@@ -90,7 +90,9 @@ class Reporter:
             # Plain output: a line every 30 s so long epochs still show signs of life.
             self._last_plain = time.monotonic()
             self.console.print(
-                f"{self._epoch_label} step {step}/{self._steps} {stats} eta {format_seconds(eta_s)}", highlight=False
+                f"{self._epoch_label} step {step}/{self._steps} {stats} eta {format_seconds(eta_s)}",
+                highlight=False,
+                soft_wrap=True,
             )
 
     def epoch_end(self, row: EpochRow) -> None:
@@ -104,6 +106,7 @@ class Reporter:
             f"top1 {row.val_top1:6.2%}  top5 {row.val_top5:6.2%}  {row.images_per_s:,.0f} img/s  "
             f"{format_seconds(row.seconds)}",
             highlight=False,
+            soft_wrap=True,
         )
 
     def close(self) -> None:
@@ -122,8 +125,8 @@ class Reporter:
             self.console.print(Panel(grid, title="done", expand=False))
         else:
             for key, value in lines.items():
-                self.console.print(f"{key}: {value}", highlight=False)
+                self.console.print(f"{key}: {value}", highlight=False, soft_wrap=True)
 
     def note(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, soft_wrap=True)

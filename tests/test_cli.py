@@ -12,7 +12,8 @@ from gtrain.cli import app
 
 runner = CliRunner()
 
-TINY = ["--set", "model.name=resnext29_2x16d", "--set", "data.workers=0", "--set", "train.precision=fp32"]
+TINY = ["--set", "model.name=resnext29_2x16d", "--set", "data.workers=0", "--set", "train.precision=fp32",
+        "--set", "data.image_size=12"]
 
 
 def invoke(*args):

@@ -1,0 +1,92 @@
+"""Shared fixtures: small, real-format datasets written to disk, so tests run the real loaders offline.
+
+The builders are plain functions as well, for tests that need other sizes:
+
+    from tests.conftest import write_image_folder, write_mnist
+    root = write_mnist(tmp_path, n_train=500, n_test=100)
+    data = build_data("MNIST", root=root, download=False)
+"""
+
+import colorsys
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+MNIST_SIZE = 28
+
+
+def write_mnist(root: Path, n_train: int = 200, n_test: int = 100, *, seed: int = 0) -> Path:
+    """Write MNIST-format files that torchvision's `MNIST(root)` loads; return `root`.
+
+    torchvision checks only that the four uncompressed idx files exist in root/MNIST/raw (it
+    checksums the .gz archives it downloads, not these), so nothing else is written.
+
+    Image i is class i % 10 (balanced classes): a sine grating with a random phase plus noise,
+    oriented at (k % 5) * 36 degrees with a period of 4 px for classes 0-4 and 8 px for 5-9.
+    Gratings survive crops and shifts, so a tiny CNN reaches 100% in 3 epochs of 200 images
+    (measured: 3 conv layers, AdamW 3e-3, batch 32); drawn digit glyphs reached 20-40%.
+    """
+    rng = np.random.default_rng(seed)
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:MNIST_SIZE, 0:MNIST_SIZE]
+    for prefix, count in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(count) % 10
+        images = np.empty((count, MNIST_SIZE, MNIST_SIZE), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            angle = (label % 5) * np.pi / 5
+            period = 4 if label < 5 else 8
+            phase = rng.uniform(0, 2 * np.pi)
+            grating = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period + phase)
+            pixels = 127.5 + 110 * grating + rng.normal(0, 25, grating.shape)
+            images[i] = np.clip(pixels, 0, 255).astype(np.uint8)
+        # idx format: big-endian magic (0x08 = uint8, then the number of dimensions), sizes, data.
+        header = struct.pack(">IIII", 0x0803, count, MNIST_SIZE, MNIST_SIZE)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        header = struct.pack(">II", 0x0801, count)
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(header + labels.astype(np.uint8).tobytes())
+    return Path(root)
+
+
+def write_image_folder(
+    root: Path,
+    *,
+    class_names: tuple[str, ...] = ("cat", "dog", "frog"),
+    images_per_class: dict[str, int] | None = None,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
+    """Write root/<split>/<class>/<n>.png (RGB, `size` px) for an ImageFolder; return `root`.
+
+    Each class has its own hue, with noise and a darker square at a random place, so the classes
+    are easy to learn but no two images are alike. Splits default to 20 train and 8 val images
+    per class.
+    """
+    rng = np.random.default_rng(seed)
+    images_per_class = images_per_class or {"train": 20, "val": 8}
+    for split, count in images_per_class.items():
+        for k, name in enumerate(class_names):
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = np.array(colorsys.hsv_to_rgb(k / len(class_names), 0.8, 0.9)) * 255
+            for n in range(count):
+                pixels = colour + rng.normal(0, 20, (size, size, 3))
+                x, y = rng.integers(0, size // 2, size=2)
+                pixels[y : y + size // 2, x : x + size // 2] *= 0.5
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(folder / f"{n}.png")
+    return Path(root)
+
+
+@pytest.fixture
+def mnist_root(tmp_path: Path) -> Path:
+    """A data root holding a 200 train / 100 test MNIST in torchvision's layout."""
+    return write_mnist(tmp_path / "data", n_train=200, n_test=100)
+
+
+@pytest.fixture
+def imagefolder_root(tmp_path: Path) -> Path:
+    """An ImageFolder root with train/ and val/ for classes cat, dog, frog (20 and 8 images each)."""
+    return write_image_folder(tmp_path / "images")

@@ -1,0 +1,207 @@
+"""Datasets through the real torchvision loaders, on data the fixtures write, and the one-line
+errors a user gets when data is missing or misnamed."""
+
+import inspect
+
+import pytest
+import torch
+import torchvision
+from torchvision import transforms
+
+from gtrain.data import (
+    DATASETS,
+    IMAGE_FOLDER_SPEC,
+    Digits,
+    build_data,
+    build_eval_data,
+    eval_transform,
+    list_datasets,
+    train_transform,
+)
+from gtrain.errors import UserError
+from tests.conftest import write_image_folder
+
+# digits ------------------------------------------------------------------------------------------
+
+
+def test_digits_split_is_1433_train_364_test_covering_all_1797_without_overlap():
+    train, test = Digits(None, train=True), Digits(None, train=False)
+    assert (len(train), len(test)) == (1433, 364)
+    assert set(train.indices).isdisjoint(test.indices)
+    assert sorted(train.indices + test.indices) == list(range(1797))
+
+
+def test_digits_split_is_every_fifth_image_of_each_class_and_never_changes():
+    first, again = Digits(None, train=False), Digits(None, train=False)
+    assert first.indices == again.indices
+    # Pinned, so accuracies measured on it stay comparable across versions of gtrain and scikit-learn.
+    assert first.indices[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 35, 39]
+    assert sum(first.indices) == 323_723
+    assert [first.targets.count(digit) for digit in range(10)] == [36, 37, 36, 37, 37, 37, 37, 36, 35, 36]
+
+
+def test_digits_items_are_8x8_grayscale_images_scaled_to_0_255_with_digit_labels():
+    digits = Digits(None, train=True)
+    image, label = digits[0]
+    assert (image.mode, image.size) == ("L", (8, 8))
+    assert max(digits[i][0].getextrema()[1] for i in range(20)) == 255  # 16 dark cells -> 255
+    assert label in range(10) and digits.classes == [str(d) for d in range(10)]
+
+
+def test_digits_train_and_val_are_one_channel_16px_normalized_tensors(tmp_path):
+    data = build_data("digits", root=tmp_path, download=False)
+    assert data.info.in_chans == 1 and data.info.image_size == 16 and data.info.num_classes == 10
+    assert data.info.class_names == tuple("0123456789")
+    images = torch.stack([data.val[i][0] for i in range(len(data.val))])
+    assert images.shape == (364, 1, 16, 16) and images.dtype == torch.float32
+    # Normalized with the training set's statistics, so close to zero mean and unit std.
+    assert abs(images.mean().item()) < 0.1 and abs(images.std().item() - 1) < 0.1
+
+
+def test_digits_augmentation_never_flips(tmp_path):
+    data = build_data("digits", root=tmp_path, download=False)
+    steps = data.train.transform.transforms
+    assert not any(isinstance(step, transforms.RandomHorizontalFlip) for step in steps)
+    assert any(isinstance(step, transforms.RandomCrop) for step in steps)
+
+
+# torchvision datasets on fixture data -----------------------------------------------------------
+
+
+def test_mnist_files_load_through_torchvision_as_one_channel_28px(mnist_root):
+    data = build_data("MNIST", root=mnist_root, download=False)
+    assert (len(data.train), len(data.val)) == (200, 100)
+    assert data.info.in_chans == 1 and data.info.image_size == 28 and data.info.num_classes == 10
+    assert data.info.class_names == tuple(torchvision.datasets.MNIST.classes)
+    image, label = data.train[0]
+    assert image.shape == (1, 28, 28) and isinstance(label, int)
+
+
+def test_dataset_names_match_in_any_case(mnist_root):
+    data = build_data("mnist", root=mnist_root, download=False, augment=False)
+    assert data.info.name == "MNIST"
+
+
+def test_image_size_override_resizes_small_images(mnist_root):
+    data = build_data("MNIST", root=mnist_root, download=False, image_size=32)
+    assert data.train[0][0].shape == data.val[0][0].shape == (1, 32, 32)
+    assert data.info.image_size == 32
+
+
+def test_without_augmentation_train_items_are_deterministic(mnist_root):
+    plain = build_data("MNIST", root=mnist_root, download=False, augment=False)
+    assert all(torch.equal(plain.train[i][0], plain.train[i][0]) for i in range(10))
+    augmented = build_data("MNIST", root=mnist_root, download=False, augment=True)
+    torch.manual_seed(0)
+    assert not all(torch.equal(augmented.train[i][0], augmented.train[i][0]) for i in range(10))
+
+
+def test_build_eval_data_gives_the_requested_split_without_augmentation(mnist_root):
+    info, data = build_eval_data("MNIST", root=mnist_root, download=False, split="train")
+    assert len(data) == 200 and info.in_chans == 1
+    assert torch.equal(data[3][0], data[3][0])
+
+
+def test_every_table_row_names_a_real_constructor_and_consistent_statistics():
+    for name, spec in DATASETS.items():
+        constructor = Digits if name == "digits" else getattr(torchvision.datasets, name)
+        parameters = inspect.signature(constructor).parameters
+        assert "train" in spec.splits, name
+        for kwargs in spec.splits.values():
+            assert set(kwargs) <= set(parameters) or "kwargs" in parameters, name
+        channels = 1 if spec.grayscale else 3
+        assert len(spec.stats.mean) == len(spec.stats.std) == channels, name
+        assert spec.style in ("cifar", "imagenet"), name
+
+
+def test_digit_and_sign_datasets_never_flip_but_photos_do():
+    for name in ("digits", "MNIST", "KMNIST", "EMNIST", "SVHN", "GTSRB"):
+        flips = [s for s in train_transform(DATASETS[name], 32).transforms if isinstance(s, transforms.RandomHorizontalFlip)]
+        assert not flips, name
+    assert DATASETS["CIFAR10"].flip and DATASETS["Flowers102"].flip
+
+
+@pytest.mark.parametrize("spec", [DATASETS["GTSRB"], IMAGE_FOLDER_SPEC], ids=["cifar-style", "imagenet-style"])
+def test_images_of_any_shape_come_out_square_at_the_requested_size(spec):
+    # GTSRB and photo datasets hold images of every size and aspect ratio.
+    for shape in [(3, 50, 70), (3, 90, 20), (3, 12, 12)]:
+        images = torchvision.datasets.FakeData(size=2, image_size=shape, num_classes=3)
+        for transform in (train_transform(spec, 24), eval_transform(spec, 24)):
+            assert transform(images[0][0]).shape == (3, 24, 24), shape
+
+
+def test_list_datasets_has_the_table_plus_image_folder():
+    names = list_datasets()
+    assert names[-1] == "ImageFolder" and {"digits", "MNIST", "CIFAR10", "SVHN", "Flowers102"} <= set(names)
+
+
+# ImageFolder -------------------------------------------------------------------------------------
+
+
+def test_image_folder_class_names_come_from_the_folders(imagefolder_root):
+    data = build_data("ImageFolder", root=imagefolder_root, download=False, image_size=32)
+    assert data.info.class_names == ("cat", "dog", "frog") and data.info.num_classes == 3
+    assert (len(data.train), len(data.val)) == (60, 24)
+    assert data.train[0][0].shape == data.val[0][0].shape == (3, 32, 32)
+    assert data.info.in_chans == 3 and data.info.image_size == 32
+
+
+def test_image_folder_test_split_falls_back_to_val_then_prefers_test(tmp_path):
+    root = write_image_folder(tmp_path, images_per_class={"train": 2, "val": 1})
+    assert len(build_data("ImageFolder", root=root, download=False, val_split="test").val) == 3
+    write_image_folder(tmp_path, images_per_class={"test": 4})
+    info, test = build_eval_data("ImageFolder", root=root, download=False, split="test")
+    assert len(test) == 12 and info.class_names == ("cat", "dog", "frog")
+
+
+def test_image_folder_without_val_folder_names_the_missing_path(tmp_path):
+    root = write_image_folder(tmp_path, images_per_class={"train": 2})
+    with pytest.raises(UserError, match="val") as error:
+        build_data("ImageFolder", root=root, download=False, val_split="val")
+    assert str(root / "val") in str(error.value) and "\n" not in str(error.value)
+
+
+def test_empty_image_folder_error_names_the_path(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(UserError, match="no class folders") as error:
+        build_data("ImageFolder", root=tmp_path, download=False)
+    assert str(tmp_path / "train") in str(error.value)
+
+    (tmp_path / "train" / "cat").mkdir()
+    with pytest.raises(UserError, match="no images") as error:
+        build_data("ImageFolder", root=tmp_path, download=False)
+    assert str(tmp_path / "train") in str(error.value) and "\n" not in str(error.value)
+
+
+def test_image_folder_splits_with_different_classes_are_refused(tmp_path):
+    root = write_image_folder(tmp_path, images_per_class={"train": 2})
+    write_image_folder(tmp_path, class_names=("cat", "dog"), images_per_class={"val": 1})
+    with pytest.raises(UserError, match="missing: frog"):
+        build_data("ImageFolder", root=root, download=False, val_split="val")
+
+
+# errors ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["MNIST", "CIFAR10", "SVHN", "Flowers102"])
+def test_missing_dataset_error_names_the_dataset_the_path_and_the_fix(tmp_path, name):
+    with pytest.raises(UserError) as error:
+        build_data(name, root=tmp_path, download=False)
+    message = str(error.value)
+    assert name in message and str(tmp_path) in message and "data.download = true" in message
+    assert "\n" not in message
+
+
+def test_unknown_dataset_suggests_the_closest_name(tmp_path):
+    with pytest.raises(UserError, match=r"unknown dataset 'CIFAR-10': did you mean CIFAR10"):
+        build_data("CIFAR-10", root=tmp_path, download=False)
+
+
+def test_torchvision_dataset_missing_from_the_table_says_how_to_add_it(tmp_path):
+    with pytest.raises(UserError, match="Caltech101 is not in gtrain's dataset table"):
+        build_data("Caltech101", root=tmp_path, download=False)
+
+
+def test_split_a_dataset_lacks_lists_the_splits_it_has(tmp_path):
+    with pytest.raises(UserError, match="MNIST has no 'val' split: choose one of train, test"):
+        build_data("MNIST", root=tmp_path, download=False, val_split="val")
