@@ -24,7 +24,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from gtrain import __version__
+from gtrain import __version__, faults
 from gtrain.errors import UserError
 
 
@@ -41,6 +41,10 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.umask(umask)
         os.chmod(tmp, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH) & ~umask)
         with os.fdopen(fd, "wb") as file:
+            if faults.kill_during_save(path.name):
+                file.write(data[: len(data) // 2])
+                file.flush()
+                faults.kill_now()
             file.write(data)
             file.flush()
             os.fsync(file.fileno())

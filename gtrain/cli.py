@@ -23,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-error_console = Console(stderr=True)
+error_console = Console(stderr=True, soft_wrap=True)
 
 SetOption = Annotated[
     Optional[list[str]],
@@ -51,6 +51,7 @@ def fit(
     from gtrain.train import Interrupted, fit as run_fit
 
     reporter = Reporter(console, quiet=quiet)
+    run_dir = resume or out
     try:
         if resume is not None:
             if recipe is not None:
@@ -68,6 +69,9 @@ def fit(
     except UserError as error:
         reporter.close()
         raise fail(error) from None
+    except OSError as error:  # an unreadable or corrupt data file, a full disk
+        reporter.close()
+        raise fail(UserError(f"{error}; the last checkpoint in {run_dir} is intact")) from None
     except Interrupted as stop:
         reporter.close()
         error_console.print(

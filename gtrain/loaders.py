@@ -46,6 +46,9 @@ def make_train_loader(dataset: Dataset, *, batch_size: int, seed: int, workers: 
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        # Its own generator: otherwise every new epoch iterator draws a worker seed from
+        # the global RNG and shifts the augmentation of a resumed run.
+        generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler
 

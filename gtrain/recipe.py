@@ -64,6 +64,7 @@ class TrainSection(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     channels_last: Literal["auto", "on", "off"] = "auto"
+    checkpoint_minutes: float = Field(10.0, gt=0, description="also checkpoint within an epoch this often")
 
 
 class Recipe(BaseModel):
@@ -90,6 +91,30 @@ class Recipe(BaseModel):
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
+
+
+# Keys a resumed run may change: they do not alter what the run computes, only how long
+# it goes on, where it reads its data from and how it is checkpointed.
+SAFE_TO_CHANGE_ON_RESUME = frozenset(
+    {"description", "train.epochs", "train.checkpoint_minutes", "train.device", "data.root", "data.download", "data.workers"}
+)
+
+
+def flatten(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in document.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def unsafe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose value differs between two resolved recipes, except the safe ones."""
+    old, new = flatten(saved), flatten(current)
+    changed = {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
+    return sorted(changed - SAFE_TO_CHANGE_ON_RESUME)
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gtrain import runtime
-from gtrain.checkpoint import WeightsMeta, load_state, save_state, save_weights, write_text_atomic
+from gtrain import faults, runtime
+from gtrain.checkpoint import WeightsMeta, load_into, load_state, save_state, save_weights, write_text_atomic
 from gtrain.data import build_data
 from gtrain.errors import UserError
 from gtrain.evaluate import evaluate
@@ -26,7 +26,7 @@ from gtrain.loaders import EpochSampler, make_eval_loader, make_train_loader
 from gtrain.models import create_model
 from gtrain.optim import build_optimizer, build_scheduler
 from gtrain.progress import EpochRow, Reporter, format_seconds
-from gtrain.recipe import Recipe
+from gtrain.recipe import SAFE_TO_CHANGE_ON_RESUME, Recipe, unsafe_changes
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,9 @@ class Progress:
 
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # optimizer steps done in the current (unfinished) epoch
+    epoch_loss_sum: float = 0.0  # sum of the per-step losses of those steps
+    epoch_images: int = 0
+    epoch_seconds: float = 0.0
     best_top1: float = -1.0
     best_epoch: int = 0
     elapsed_s: float = 0.0
@@ -94,11 +97,26 @@ class StopRequest:
 
 class Interrupted(Exception):
     def __init__(self, signum: int):
-        self.exit_code = 128 + signum
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         super().__init__(signal.Signals(signum).name)
 
 
-def train_one_epoch(
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int):
+        self.step = step
+
+
+@dataclass
+class Segment:
+    """What one call of `train_steps` did."""
+
+    steps: int
+    loss_sum: float
+    images: int
+    seconds: float
+
+
+def train_steps(
     model: nn.Module,
     loader,
     optimizer: torch.optim.Optimizer,
@@ -110,16 +128,20 @@ def train_one_epoch(
     channels_last: bool,
     label_smoothing: float,
     clip_grad_norm: float | None,
-    start_step: int,
+    first_step: int,
+    steps_per_epoch: int,
+    global_step: int,
     reporter: Reporter,
+    pause_after_s: float,
     stop: StopRequest,
-) -> tuple[float, float, int]:
-    """Returns (mean train loss, images/s, steps done in this epoch including earlier ones)."""
+) -> Segment:
+    """Train from step `first_step` of the epoch to its end, or until a stop request or
+    `pause_after_s` seconds (then the caller checkpoints and calls again)."""
     model.train()
-    steps = start_step + len(loader)
     loss_sum = torch.zeros((), device=device)
-    images = 0
-    step = start_step
+    # The step of the first non-finite loss, found without a device sync per step.
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    images = steps = 0
     start = last_report = time.perf_counter()
     for inputs, targets in loader:
         inputs = inputs.to(device, non_blocking=True)
@@ -140,29 +162,35 @@ def train_one_epoch(
         scaler.update()
         scheduler.step()
 
-        loss_sum += loss.detach()
+        loss = loss.detach()
+        loss_sum += loss
+        first_bad_step.copy_(torch.where((first_bad_step < 0) & ~loss.isfinite(), global_step + steps + 1, first_bad_step))
         images += targets.numel()
-        step += 1
+        steps += 1
+        step = first_step + steps
+        faults.maybe_signal_at_step(global_step + steps)
+
         now = time.perf_counter()
-        if now - last_report > reporter.refresh_s or step == steps:
+        if now - last_report > reporter.refresh_s or step == steps_per_epoch:
             last_report = now
-            images_per_s = images / (now - start)
-            eta_s = (steps - step) * (now - start) / (step - start_step)
-            reporter.step(step, loss.item(), optimizer.param_groups[0]["lr"], images_per_s, eta_s)
-        if stop and step < steps:
+            if first_bad_step.item() >= 0:
+                raise NonFiniteLoss(first_bad_step.item())
+            rate = images / (now - start)
+            eta_s = (steps_per_epoch - step) * (now - start) / steps
+            reporter.step(step, loss.item(), optimizer.param_groups[0]["lr"], rate, eta_s)
+        if stop or now - start > pause_after_s:
             break
-    done = step - start_step
-    mean_loss = (loss_sum / max(done, 1)).item()
-    return mean_loss, images / max(time.perf_counter() - start, 1e-9), step
+    if first_bad_step.item() >= 0:
+        raise NonFiniteLoss(first_bad_step.item())
+    return Segment(steps, loss_sum.item(), images, time.perf_counter() - start)
 
 
-def check_finite(loss: float, epoch: int, paths: RunFolder) -> None:
-    if not torch.isfinite(torch.tensor(loss)):
-        kept = f"the last good checkpoint {paths.last} is kept" if paths.last.exists() else "no checkpoint was written yet"
-        raise UserError(
-            f"training loss became {loss} in epoch {epoch}; {kept}. Try a lower optim.lr, "
-            "optim.clip_grad_norm = 1.0, or train.precision = 'bf16' instead of fp16"
-        )
+def non_finite_error(step: int, paths: "RunFolder") -> UserError:
+    kept = f"the last good checkpoint {paths.last} is kept" if paths.last.exists() else "no checkpoint had been written yet"
+    return UserError(
+        f"the training loss became NaN or infinite at step {step}; {kept}. Try a lower optim.lr, "
+        "optim.clip_grad_norm = 1.0, or train.precision = 'bf16' instead of 'fp16'"
+    )
 
 
 def rng_state() -> dict[str, Any]:
@@ -229,7 +257,19 @@ def fit(
 
     if resume:
         state = load_state(paths.last)
-        model.load_state_dict(state["model"])
+        changed = unsafe_changes(state["recipe"], recipe.to_dict())
+        if changed:
+            raise UserError(
+                f"cannot resume {paths.root}: the recipe differs from the one it was trained with in "
+                f"{', '.join(changed)}; only {', '.join(sorted(SAFE_TO_CHANGE_ON_RESUME))} may change "
+                "(start a new run for anything else)"
+            )
+        if state["progress"]["epoch"] >= train.epochs and not state["progress"]["step_in_epoch"]:
+            raise UserError(
+                f"{paths.root} already finished its {state['progress']['epoch']} epochs: "
+                "resume with more, e.g. --set train.epochs=" + str(state["progress"]["epoch"] + 10)
+            )
+        load_into(model, state["model"], paths.last)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -279,34 +319,44 @@ def fit(
     run_start = time.perf_counter() - progress.elapsed_s
     with StopRequest() as stop:
         for epoch in range(progress.epoch, train.epochs):
-            epoch_start = time.perf_counter()
-            sampler.set_epoch(epoch, start=progress.step_in_epoch * recipe.data.batch_size)
             reporter.epoch_start(epoch + 1, train.epochs, steps_per_epoch, progress.step_in_epoch)
-            train_loss, images_per_s, step = train_one_epoch(
-                model, train_loader, optimizer, scheduler, scaler,
-                device=device_, precision=precision, channels_last=channels_last,
-                label_smoothing=train.label_smoothing, clip_grad_norm=recipe.optim.clip_grad_norm,
-                start_step=progress.step_in_epoch, reporter=reporter, stop=stop,
-            )  # fmt: skip
-            check_finite(train_loss, epoch + 1, paths)
-            if step < steps_per_epoch:  # stopped by a signal in the middle of the epoch
-                reporter.close()
-                progress.step_in_epoch = step
-                progress.elapsed_s = time.perf_counter() - run_start
-                checkpoint()
-                raise Interrupted(stop.signum)
+            while progress.step_in_epoch < steps_per_epoch:
+                sampler.set_epoch(epoch, start=progress.step_in_epoch * recipe.data.batch_size)
+                try:
+                    segment = train_steps(
+                        model, train_loader, optimizer, scheduler, scaler,
+                        device=device_, precision=precision, channels_last=channels_last,
+                        label_smoothing=train.label_smoothing, clip_grad_norm=recipe.optim.clip_grad_norm,
+                        first_step=progress.step_in_epoch, steps_per_epoch=steps_per_epoch,
+                        global_step=epoch * steps_per_epoch + progress.step_in_epoch,
+                        reporter=reporter, pause_after_s=train.checkpoint_minutes * 60, stop=stop,
+                    )  # fmt: skip
+                except NonFiniteLoss as fault:
+                    raise non_finite_error(fault.step, paths) from None
+                progress.step_in_epoch += segment.steps
+                progress.epoch_loss_sum += segment.loss_sum
+                progress.epoch_images += segment.images
+                progress.epoch_seconds += segment.seconds
+                if progress.step_in_epoch < steps_per_epoch:  # paused within the epoch
+                    progress.elapsed_s = time.perf_counter() - run_start
+                    checkpoint()
+                    if stop:
+                        reporter.close()
+                        raise Interrupted(stop.signum)
 
             result = evaluate(
                 model, val_loader, num_classes=info.num_classes, device=device_,
                 precision=precision, channels_last=channels_last,
             )  # fmt: skip
             row = EpochRow(
-                epoch=epoch + 1, epochs=train.epochs, train_loss=train_loss, val_loss=result.loss,
-                val_top1=result.top1, val_top5=result.top5, lr=optimizer.param_groups[0]["lr"],
-                images_per_s=images_per_s, seconds=time.perf_counter() - epoch_start,
+                epoch=epoch + 1, epochs=train.epochs, train_loss=progress.epoch_loss_sum / steps_per_epoch,
+                val_loss=result.loss, val_top1=result.top1, val_top5=result.top5,
+                lr=optimizer.param_groups[0]["lr"], images_per_s=progress.epoch_images / progress.epoch_seconds,
+                seconds=progress.epoch_seconds + result.seconds,
             )  # fmt: skip
             reporter.epoch_end(row)
-            progress.epoch, progress.step_in_epoch = epoch + 1, 0
+            progress.epoch = epoch + 1
+            progress.step_in_epoch, progress.epoch_loss_sum, progress.epoch_images, progress.epoch_seconds = 0, 0.0, 0, 0.0
             progress.elapsed_s = time.perf_counter() - run_start
             progress.history.append({k: v for k, v in vars(row).items() if k != "epochs"})
             write_text_atomic(paths.metrics, "".join(json.dumps(r) + "\n" for r in progress.history))

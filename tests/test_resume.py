@@ -1,0 +1,163 @@
+"""Runs survive interruption: a stopped run resumes bit-exact, a kill in the middle of a
+save leaves the previous checkpoint loadable, and a hostile or broken checkpoint is
+refused with one line. Each run is a real `python -m gtrain` process, signals included."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from gtrain.cli import app
+from tests.conftest import write_mnist
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory):
+    """A small HorNet on 256 MNIST-format images at 8 px: 4 optimizer steps per epoch."""
+    root = write_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=64)
+    return ["quickstart_hornet", "--set", "data.dataset=MNIST", "--set", f"data.root={root}", "--set", "data.image_size=8",
+            "--set", "data.batch_size=64", "--set", "train.epochs=2", "--set", "train.precision=fp32",
+            "--set", "train.deterministic=true", "--set", "data.workers=0", "--set", "model.drop_path_rate=0.1"]
+
+
+def gtrain(*args, fault=None):
+    """A real process, so that signals and SIGKILL are real."""
+    env = {**os.environ, "GTRAIN_FAULT": fault or ""}
+    return subprocess.run([sys.executable, "-m", "gtrain", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def gtrain_in_process(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return SimpleNamespace(returncode=result.exit_code, stderr=result.output)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, fast):
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = gtrain("fit", *fast, "--out", run)
+    assert result.returncode == 0, result.stderr
+    return load_file(run / "final.safetensors")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize(
+    ("fault", "exit_code"),
+    [("signal-at-step:2:SIGINT", 130), ("signal-at-step:4:SIGTERM", 143), ("signal-at-step:7:SIGTERM", 143)],
+    ids=["sigint-mid-epoch", "sigterm-between-epochs", "sigterm-mid-second-epoch"],
+)
+def test_resume_is_bit_exact(tmp_path, fast, uninterrupted, fault, exit_code):
+    run = tmp_path / "run"
+    stopped = gtrain("fit", *fast, "--out", run, fault=fault)
+    assert stopped.returncode == exit_code, stopped.stderr
+    assert f"gtrain fit --resume {run}" in stopped.stderr
+    resumed = gtrain("fit", "--resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(load_file(run / "final.safetensors"), uninterrupted)
+
+
+def test_kill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path, fast, uninterrupted):
+    run = tmp_path / "run"
+    first = gtrain("fit", *fast, "--out", run, fault="signal-at-step:3:SIGINT")
+    assert first.returncode == 130
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    killed = gtrain("fit", "--resume", run, fault="kill-during-save:last.pt")
+    assert killed.returncode == -9
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["step_in_epoch"] == 3
+
+    resumed = gtrain("fit", "--resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(load_file(run / "final.safetensors"), uninterrupted)
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER`: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, fast):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert gtrain_in_process("fit", *fast, "--set", "train.epochs=1", "--out", run).returncode == 0
+    return run
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, finished_run):
+    marker = tmp_path / "pwned"
+    last = finished_run / "checkpoints" / "last.pt"
+    original = last.read_bytes()
+    try:
+        torch.save({"model": Payload(marker)}, last, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+        result = gtrain_in_process("fit", "--resume", finished_run, "--set", "train.epochs=2")
+    finally:
+        last.write_bytes(original)
+    assert result.returncode == 2
+    assert "not a valid gtrain checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_one_line(tmp_path, finished_run):
+    last = finished_run / "checkpoints" / "last.pt"
+    original = last.read_bytes()
+    try:
+        last.write_bytes(original[: len(original) // 3])
+        result = gtrain_in_process("fit", "--resume", finished_run, "--set", "train.epochs=2")
+    finally:
+        last.write_bytes(original)
+    assert result.returncode == 2
+    assert "not a valid gtrain checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.strip().splitlines() if line.startswith("error:")]) == 1
+
+
+def test_resume_with_a_changed_recipe_lists_the_changed_keys(finished_run):
+    result = gtrain_in_process("fit", "--resume", finished_run, "--set", "train.epochs=2", "--set", "optim.lr=0.5",
+                    "--set", "train.seed=3")
+    assert result.returncode == 2
+    assert "differs from the one it was trained with in optim.lr, train.seed" in result.stderr
+
+
+def test_weights_of_another_model_are_refused_by_eval(tmp_path, finished_run):
+    from gtrain.checkpoint import read_weights, save_weights
+    from gtrain.models import create_model
+
+    _, meta = read_weights(finished_run / "final.safetensors")
+    wider = create_model(meta.model, num_classes=10, in_chans=1, base_width=48)
+    save_weights(tmp_path / "other.safetensors", wider, meta)  # the metadata still says the original width
+    result = gtrain_in_process("eval", tmp_path / "other.safetensors")
+    assert result.returncode == 2
+    assert "does not fit this model" in result.stderr and "shape mismatches" in result.stderr
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, fast):
+    result = gtrain_in_process("fit", *fast, "--set", "optim.lr=1e30", "--set", "optim.warmup_epochs=0", "--out", tmp_path / "r")
+    assert result.returncode == 2, result.stderr
+    assert "the training loss became NaN or infinite at step" in result.stderr
+    assert "optim.clip_grad_norm" in result.stderr
+
+
+def test_unwritable_output_folder_is_one_line(tmp_path, fast):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = gtrain_in_process("fit", *fast, "--out", blocker / "run")
+    assert result.returncode == 2
+    assert "cannot write" in result.stderr and "--out" in result.stderr and "Traceback" not in result.stderr
