@@ -122,3 +122,30 @@ def test_models_json_lists_every_model_with_its_size():
     # torchvision's documented cost of ResNeXt-50 32x4d: 4.23 GMACs, i.e. about 8.5 GFLOPs.
     assert by_name["resnext50_32x4d"]["gflops"] == pytest.approx(8.46, rel=0.02)
     assert all(set(r) == {"name", "family", "params", "gflops", "input_size"} for r in rows)
+
+
+@pytest.mark.slow
+def test_quickstart_learns_the_digits_in_a_shortened_run(tmp_path):
+    run = tmp_path / "run"
+    result = invoke("fit", "quickstart", "--set", "train.epochs=3", "--set", "train.precision=fp32", "--out", run, "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # Chance is 10%; the full 15-epoch recipe reaches 97% or more (docs/benchmarks.md).
+    assert rows[-1]["val_top1"] > 0.5
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_quiet_prints_only_the_summary(tmp_path, mnist_root):
+    result = invoke("fit", *TINY, "--set", "data.dataset=MNIST", "--set", f"data.root={mnist_root}",
+                    "--set", "train.epochs=1", "--out", tmp_path / "run", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "epoch   1/1" not in result.output and "model:" not in result.output and "best top-1" in result.output
+
+
+def test_plain_output_has_no_control_codes(tmp_path, mnist_root):
+    result = invoke("fit", *TINY, "--set", "data.dataset=MNIST", "--set", f"data.root={mnist_root}",
+                    "--set", "train.epochs=1", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "\x1b[" not in result.output
+    for fact in ["model: resnext29_2x16d", "dataset: MNIST", "device: cpu", "epoch   1/1", "best top-1"]:
+        assert fact in result.output

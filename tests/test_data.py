@@ -48,12 +48,12 @@ def test_digits_items_are_8x8_grayscale_images_scaled_to_0_255_with_digit_labels
     assert label in range(10) and digits.classes == [str(d) for d in range(10)]
 
 
-def test_digits_train_and_val_are_one_channel_16px_normalized_tensors(tmp_path):
+def test_digits_train_and_val_are_one_channel_native_8px_normalized_tensors(tmp_path):
     data = build_data("digits", root=tmp_path, download=False)
-    assert data.info.in_chans == 1 and data.info.image_size == 16 and data.info.num_classes == 10
+    assert data.info.in_chans == 1 and data.info.image_size == 8 and data.info.num_classes == 10
     assert data.info.class_names == tuple("0123456789")
     images = torch.stack([data.val[i][0] for i in range(len(data.val))])
-    assert images.shape == (364, 1, 16, 16) and images.dtype == torch.float32
+    assert images.shape == (364, 1, 8, 8) and images.dtype == torch.float32
     # Normalized with the training set's statistics, so close to zero mean and unit std.
     assert abs(images.mean().item()) < 0.1 and abs(images.std().item() - 1) < 0.1
 
