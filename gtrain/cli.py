@@ -5,6 +5,7 @@ exit code 2; rich lives in this layer and in `progress`.
 """
 
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -43,45 +44,73 @@ def fit(
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<recipe>-<timestamp>).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder from its last checkpoint.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (overrides train.device).")] = None,
+    nproc: Annotated[
+        Optional[int], typer.Option(min=1, help="Train with N processes on this machine (runs torchrun for you).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final summary.")] = False,
 ) -> None:
-    """Train a model from a recipe (default: quickstart) and write a run folder."""
+    """Train a model from a recipe (default: quickstart) and write a run folder.
+
+    data.batch_size is the global batch: under torchrun each of N processes takes 1/N of it.
+    """
+    from gtrain import distributed, runtime
     from gtrain.progress import Reporter
     from gtrain.recipe import load_recipe
     from gtrain.train import Interrupted, fit as run_fit
 
+    if nproc is not None and not distributed.launched_by_torchrun():
+        launch_torchrun(nproc)
+    world = distributed.World()
     reporter = Reporter(console, quiet=quiet)
     run_dir = resume or out
     try:
         if resume is not None:
             if recipe is not None:
                 raise UserError("give either a recipe or --resume RUN_DIR, not both: a resumed run uses its own recipe.toml")
-            run_dir = resume
-            if not (run_dir / "recipe.toml").is_file():
-                raise UserError(f"{run_dir} is not a gtrain run folder (no recipe.toml): give the folder `gtrain fit` wrote")
-            loaded, name = load_recipe(str(run_dir / "recipe.toml"), overrides or [])
+            if not (resume / "recipe.toml").is_file():
+                raise UserError(f"{resume} is not a gtrain run folder (no recipe.toml): give the folder `gtrain fit` wrote")
+            loaded, name = load_recipe(str(resume / "recipe.toml"), overrides or [])
         else:
             loaded, name = load_recipe(recipe or "quickstart", overrides or [])
             run_dir = out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
             if (run_dir / "checkpoints" / "last.pt").exists():
                 raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --out")
-        run_fit(loaded, run_dir, recipe_name=name, reporter=reporter, device=device, resume=resume is not None)
+        world = distributed.init(runtime.resolve_device(device or loaded.train.device))
+        run_dir = distributed.broadcast_object(run_dir, world)  # one timestamp for all processes
+        if not world.is_main:
+            reporter = Reporter(Console(quiet=True), quiet=True)
+        run_fit(loaded, run_dir, recipe_name=name, reporter=reporter, device=device, resume=resume is not None, world=world)
     except UserError as error:
         reporter.close()
-        raise fail(error) from None
+        raise (fail(error) if world.is_main else typer.Exit(UserError.exit_code)) from None
     except OSError as error:  # an unreadable or corrupt data file, a full disk
         reporter.close()
         raise fail(UserError(f"{error}; the last checkpoint in {run_dir} is intact")) from None
     except Interrupted as stop:
         reporter.close()
-        error_console.print(
-            f"stopped by {stop}; checkpoint saved. Resume with: gtrain fit --resume {run_dir}", highlight=False
-        )
+        if world.is_main:
+            error_console.print(f"stopped by {stop}; checkpoint saved. Resume with: gtrain fit --resume {run_dir}")
         raise typer.Exit(stop.exit_code) from None
     except KeyboardInterrupt:
         reporter.close()
-        error_console.print(f"stopped at once; the last checkpoint in {run_dir} is intact", highlight=False)
+        error_console.print(f"stopped at once; the last checkpoint in {run_dir} is intact")
         raise typer.Exit(130) from None
+    finally:
+        distributed.shutdown(world)
+
+
+def launch_torchrun(nproc: int) -> None:
+    """`gtrain fit ... --nproc N` becomes `torchrun --standalone --nproc-per-node N -m gtrain fit ...`."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "gtrain", *args]
+    os.execv(sys.executable, command)
 
 
 @app.command("eval")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from gtrain import runtime
 from gtrain.checkpoint import WeightsMeta, load_into, read_weights
+from gtrain.distributed import World, all_reduce_sum
 from gtrain.errors import UserError
 
 
@@ -49,7 +50,9 @@ def evaluate(
     device: torch.device,
     precision: str,
     channels_last: bool = False,
+    world: World = World(),
 ) -> EvalResult:
+    """Under torch.distributed each process evaluates its shard and the sums are reduced."""
     model.eval()
     start = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -75,6 +78,11 @@ def evaluate(
         class_total += torch.bincount(targets, minlength=num_classes)
         class_correct += torch.bincount(targets[hits[:, 0]], minlength=num_classes)
         images += targets.numel()
+    # One reduction for everything; float64 holds these counts exactly.
+    counts = [correct1[None], correct5[None], torch.tensor([images], device=device), class_correct, class_total]
+    sums = all_reduce_sum(torch.cat([loss_sum[None], *(c.double() for c in counts)]), world)
+    loss_sum, correct1, correct5, images = sums[0], sums[1], sums[2], int(sums[3].item())
+    class_correct, class_total = sums[4 : 4 + num_classes].long(), sums[4 + num_classes :].long()
     if images == 0:
         raise UserError("the evaluation split has no images")
     return EvalResult(

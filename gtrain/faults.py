@@ -6,6 +6,7 @@ fail at exactly those moments:
 
     GTRAIN_FAULT=kill-during-save:last.pt  SIGKILL this process halfway through writing last.pt
     GTRAIN_FAULT=signal-at-step:N:SIGINT   send SIGINT to this process after optimizer step N
+    GTRAIN_FAULT=kill-rank-at-step:R:N     SIGKILL the process of rank R after step N
 """
 
 import os
@@ -27,3 +28,7 @@ def maybe_signal_at_step(global_step: int) -> None:
         _, step, name = _FAULT.split(":")
         if global_step == int(step):
             os.kill(os.getpid(), getattr(signal, name))
+    elif _FAULT.startswith("kill-rank-at-step:"):
+        _, rank, step = _FAULT.split(":")
+        if global_step == int(step) and os.environ.get("RANK") == rank:
+            kill_now()

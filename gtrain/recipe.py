@@ -65,6 +65,7 @@ class TrainSection(Section):
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     channels_last: Literal["auto", "on", "off"] = "auto"
     checkpoint_minutes: float = Field(10.0, gt=0, description="also checkpoint within an epoch this often")
+    sync_bn: bool = Field(False, description="SyncBatchNorm across processes under torchrun (CUDA)")
 
 
 class Recipe(BaseModel):

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gtrain import faults, runtime
+from gtrain import distributed, faults, runtime
 from gtrain.checkpoint import WeightsMeta, load_into, load_state, save_state, save_weights, write_text_atomic
 from gtrain.data import build_data
+from gtrain.distributed import World
 from gtrain.errors import UserError
 from gtrain.evaluate import evaluate
 from gtrain.loaders import EpochSampler, make_eval_loader, make_train_loader
@@ -114,6 +115,7 @@ class Segment:
     loss_sum: float
     images: int
     seconds: float
+    stopped: bool  # by a signal (on any process)
 
 
 def train_steps(
@@ -134,6 +136,7 @@ def train_steps(
     reporter: Reporter,
     pause_after_s: float,
     stop: StopRequest,
+    world: World,
 ) -> Segment:
     """Train from step `first_step` of the epoch to its end, or until a stop request or
     `pause_after_s` seconds (then the caller checkpoints and calls again)."""
@@ -142,6 +145,7 @@ def train_steps(
     # The step of the first non-finite loss, found without a device sync per step.
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     images = steps = 0
+    stopped = False
     start = last_report = time.perf_counter()
     for inputs, targets in loader:
         inputs = inputs.to(device, non_blocking=True)
@@ -178,11 +182,13 @@ def train_steps(
             rate = images / (now - start)
             eta_s = (steps_per_epoch - step) * (now - start) / steps
             reporter.step(step, loss.item(), optimizer.param_groups[0]["lr"], rate, eta_s)
-        if stop or now - start > pause_after_s:
+        # Every process must leave at the same step, or the next collective deadlocks.
+        stopped, paused = distributed.agree([bool(stop), now - start > pause_after_s], device, world)
+        if stopped or paused:
             break
     if first_bad_step.item() >= 0:
         raise NonFiniteLoss(first_bad_step.item())
-    return Segment(steps, loss_sum.item(), images, time.perf_counter() - start)
+    return Segment(steps, loss_sum.item(), images, time.perf_counter() - start, stopped)
 
 
 def non_finite_error(step: int, paths: "RunFolder") -> UserError:
@@ -215,14 +221,21 @@ def fit(
     reporter: Reporter,
     device: str | None = None,
     resume: bool = False,
+    world: World = World(),
 ) -> dict[str, Any]:
-    """Train `recipe` into `run_dir`; with `resume`, continue from its last checkpoint."""
+    """Train `recipe` into `run_dir`; with `resume`, continue from its last checkpoint.
+
+    Under torchrun (`world`), every process runs this function; only the main one
+    reports and writes files.
+    """
     paths = RunFolder(Path(run_dir))
     train = recipe.train
-    device_ = runtime.resolve_device(device or train.device)
+    device_ = distributed.local_device(runtime.resolve_device(device or train.device), world)
     precision = runtime.resolve_precision(train.precision, device_)
     channels_last = runtime.resolve_channels_last(train.channels_last, device_)
-    runtime.seed_everything(train.seed, train.deterministic)
+    # Each process draws its own augmentation; DDP copies rank 0's initial weights to all.
+    runtime.seed_everything(train.seed + world.rank, train.deterministic)
+    per_process_batch = distributed.per_process_batch(recipe.data.batch_size, world)
 
     data = build_data(
         recipe.data.dataset,
@@ -243,12 +256,17 @@ def fit(
     ).to(device_)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    trained_model = distributed.wrap(model, train.sync_bn, device_, world)
 
     pin_memory = device_.type == "cuda"
+    shard = dict(rank=world.rank, world_size=world.size)
     train_loader, sampler = make_train_loader(
-        data.train, batch_size=recipe.data.batch_size, seed=train.seed, workers=recipe.data.workers, pin_memory=pin_memory
+        data.train, global_batch=recipe.data.batch_size, seed=train.seed, workers=recipe.data.workers,
+        pin_memory=pin_memory, **shard,
+    )  # fmt: skip
+    val_loader = make_eval_loader(
+        data.val, batch_size=per_process_batch, workers=recipe.data.workers, pin_memory=pin_memory, **shard
     )
-    val_loader = make_eval_loader(data.val, batch_size=recipe.data.batch_size, workers=recipe.data.workers, pin_memory=pin_memory)
     steps_per_epoch = len(data.train) // recipe.data.batch_size
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=train.epochs, optim=recipe.optim)
@@ -275,7 +293,10 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])
         set_rng_state(state["rng"])
-    write_text_atomic(paths.recipe, recipe.to_toml())
+        if world.rank:  # the checkpoint holds the main process's random state; others branch off it
+            torch.manual_seed(train.seed + 1_000_003 * world.rank + progress.epoch * steps_per_epoch + progress.step_in_epoch)
+    if world.is_main:
+        write_text_atomic(paths.recipe, recipe.to_toml())
 
     meta = WeightsMeta(
         model=recipe.model.name,
@@ -290,6 +311,8 @@ def fit(
     )
 
     def checkpoint() -> None:
+        if not world.is_main:
+            return
         save_state(
             paths.last,
             {
@@ -310,7 +333,8 @@ def fit(
             "dataset": f"{info.name}: {len(data.train):,} train / {len(data.val):,} val images, "
             f"{info.num_classes} classes, {info.in_chans}x{info.image_size}x{info.image_size}",
             "device": f"{device_} ({precision}, {'channels_last' if channels_last else 'NCHW'})",
-            "batch": f"{recipe.data.batch_size} x {steps_per_epoch} steps per epoch",
+            "batch": f"{recipe.data.batch_size} x {steps_per_epoch} steps per epoch"
+            + (f" ({world.size} processes x {per_process_batch})" if world.distributed else ""),
             "epochs": f"{train.epochs}" + (f" (resuming after epoch {progress.epoch}, step {progress.step_in_epoch})" if resume else ""),
             "output": str(paths.root),
         }
@@ -321,15 +345,15 @@ def fit(
         for epoch in range(progress.epoch, train.epochs):
             reporter.epoch_start(epoch + 1, train.epochs, steps_per_epoch, progress.step_in_epoch)
             while progress.step_in_epoch < steps_per_epoch:
-                sampler.set_epoch(epoch, start=progress.step_in_epoch * recipe.data.batch_size)
+                sampler.set_epoch(epoch, start_step=progress.step_in_epoch)
                 try:
                     segment = train_steps(
-                        model, train_loader, optimizer, scheduler, scaler,
+                        trained_model, train_loader, optimizer, scheduler, scaler,
                         device=device_, precision=precision, channels_last=channels_last,
                         label_smoothing=train.label_smoothing, clip_grad_norm=recipe.optim.clip_grad_norm,
                         first_step=progress.step_in_epoch, steps_per_epoch=steps_per_epoch,
                         global_step=epoch * steps_per_epoch + progress.step_in_epoch,
-                        reporter=reporter, pause_after_s=train.checkpoint_minutes * 60, stop=stop,
+                        reporter=reporter, pause_after_s=train.checkpoint_minutes * 60, stop=stop, world=world,
                     )  # fmt: skip
                 except NonFiniteLoss as fault:
                     raise non_finite_error(fault.step, paths) from None
@@ -340,13 +364,13 @@ def fit(
                 if progress.step_in_epoch < steps_per_epoch:  # paused within the epoch
                     progress.elapsed_s = time.perf_counter() - run_start
                     checkpoint()
-                    if stop:
+                    if segment.stopped:
                         reporter.close()
-                        raise Interrupted(stop.signum)
+                        raise Interrupted(stop.signum or signal.SIGTERM)
 
             result = evaluate(
                 model, val_loader, num_classes=info.num_classes, device=device_,
-                precision=precision, channels_last=channels_last,
+                precision=precision, channels_last=channels_last, world=world,
             )  # fmt: skip
             row = EpochRow(
                 epoch=epoch + 1, epochs=train.epochs, train_loss=progress.epoch_loss_sum / steps_per_epoch,
@@ -359,15 +383,18 @@ def fit(
             progress.step_in_epoch, progress.epoch_loss_sum, progress.epoch_images, progress.epoch_seconds = 0, 0.0, 0, 0.0
             progress.elapsed_s = time.perf_counter() - run_start
             progress.history.append({k: v for k, v in vars(row).items() if k != "epochs"})
-            write_text_atomic(paths.metrics, "".join(json.dumps(r) + "\n" for r in progress.history))
+            if world.is_main:
+                write_text_atomic(paths.metrics, "".join(json.dumps(r) + "\n" for r in progress.history))
             if result.top1 > progress.best_top1:
                 progress.best_top1, progress.best_epoch = result.top1, epoch + 1
-                save_weights(paths.best, model, meta)
+                if world.is_main:
+                    save_weights(paths.best, model, meta)
             checkpoint()
-            if stop:
-                raise Interrupted(stop.signum)
+            if distributed.agree([bool(stop)], device_, world)[0]:
+                raise Interrupted(stop.signum or signal.SIGTERM)
 
-    save_weights(paths.final, model, meta)
+    if world.is_main:
+        save_weights(paths.final, model, meta)
     summary = {
         "best top-1": f"{progress.best_top1:.2%} (epoch {progress.best_epoch})",
         "final top-1": f"{progress.history[-1]['val_top1']:.2%}" if progress.history else "-",

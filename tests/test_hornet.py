@@ -106,9 +106,11 @@ def test_parameter_count_is_the_pinned_one(name):
 
 @pytest.mark.parametrize("name", ["hornet_tiny_7x7", "hornet_tiny_gf"])
 def test_hornet_tiny_state_dict_matches_official_release(name):
+    # Same keys and shapes, so checkpoints load with strict=True; in the same order too, so
+    # parameters() lists them as the release does.
     official = json.loads((FIXTURES / "hornet_tiny_keys.json").read_text())[name]
     ours = {key: list(value.shape) for key, value in _build_on_meta(name, 1000).state_dict().items()}
-    assert ours == official
+    assert list(ours.items()) == list(official.items())
 
 
 @functools.cache

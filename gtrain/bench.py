@@ -1,0 +1,231 @@
+"""`gtrain bench`: how fast one model trains and infers here, and how close to the GPU's peak.
+
+A training step is forward, loss, backward and an SGD-with-momentum step, as in
+`gtrain fit`, on random images already on the device, so the data pipeline is left
+out. Both training and inference are timed in `repeats` groups of `steps` steps after
+`warmup` steps; a result is the median over the groups, with their spread.
+
+FLOPs are counted on the forward pass at batch 1 (a multiply-add is 2 FLOPs) and a
+training step is taken as 3x the forward: torch.utils.flop_counter's backward count is
+wrong for grouped convolutions, and the backward of a conv or matmul costs two forwards
+(the gradient of the input and of the weight).
+
+    from gtrain.bench import run_bench
+    result = run_bench("resnext29_8x64d", batch_size=256, precision="bf16", device="cuda")
+    print(result.to_json())
+"""
+
+import dataclasses
+import functools
+import json
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gtrain import runtime
+from gtrain.errors import UserError
+from gtrain.models import create_model, get_model_entry
+from gtrain.models.summary import count_flops
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# Dense tensor-core peaks in TFLOP/s from NVIDIA's data sheets (their headline figures
+# are with 2:4 sparsity, twice these). fp32 is measured against the TF32 peak: PyTorch
+# runs convolutions in TF32 by default (torch.backends.cudnn.allow_tf32); fp16 and bf16
+# share one peak on every card listed. The first pattern that matches
+# torch.cuda.get_device_name() wins, so a variant comes before its family's plain name.
+#   pattern (regex)    TF32     BF16/FP16
+PEAK_TFLOPS: list[tuple[str, float, float]] = [
+    (r"\bH100 PCIe", 378.0, 756.5),
+    (r"\bH100 NVL", 417.5, 835.5),
+    (r"\bH100\b", 494.7, 989.4),  # SXM5: "NVIDIA H100 80GB HBM3"
+    (r"\bH200 NVL", 417.5, 835.5),
+    (r"\bH200\b", 494.7, 989.4),  # SXM, the same compute as H100 SXM5 with more memory
+    (r"\bGH200\b", 494.7, 989.4),
+    (r"\bA100\b", 156.0, 312.0),  # SXM4 and PCIe, 40 and 80 GB
+    (r"\bA10\b", 62.5, 125.0),
+    (r"\bL40S\b", 183.0, 362.05),
+    (r"\bL4\b", 60.0, 121.0),
+]
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """Dense peak TFLOP/s of a known GPU at `precision`; None for a CPU or an unknown GPU."""
+    for pattern, tf32, half in PEAK_TFLOPS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return tf32 if precision == "fp32" else half
+    return None
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    device: str  # "cuda:0" or "cpu"
+    device_name: str  # "NVIDIA H100 80GB HBM3", or the CPU's model name
+    torch_version: str
+    precision: str  # fp32, bf16 or fp16, after resolving "auto"
+    channels_last: bool
+    compiled: bool
+    batch_size: int
+    image_size: int  # px
+    steps: int  # timed steps per repeat
+    repeats: int
+    train_images_per_s: float  # median over the repeats
+    train_spread_pct: float  # (max - min) / median over the repeats, in %
+    infer_images_per_s: float
+    infer_spread_pct: float
+    flops_per_image: int  # forward pass only
+    tflops: float  # achieved in training: 3 * flops_per_image * train_images_per_s / 1e12
+    mfu: float | None  # tflops / peak_tflops, a fraction; None where the peak is unknown
+    peak_tflops: float | None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+def forward_flops(model_name: str, image_size: int, num_classes: int = 1000) -> int:
+    """Forward FLOPs of one image; on the meta device, so nothing is allocated or computed."""
+    with torch.device("meta"):
+        model = create_model(model_name, num_classes=num_classes).eval()
+    return count_flops(model, image_size)
+
+
+def run_bench(
+    model_name: str,
+    *,
+    batch_size: int,
+    image_size: int | None = None,
+    precision: str = "auto",
+    channels_last: bool | None = None,
+    compile: bool = False,
+    device: str = "auto",
+    steps: int = 20,
+    warmup: int = 5,
+    repeats: int = 5,
+    num_classes: int = 1000,
+) -> BenchResult:
+    """Time training steps and inference of `model_name`. `image_size` None: the model's
+    default; `channels_last` None: as `gtrain fit` decides (on for CUDA)."""
+    entry = get_model_entry(model_name)
+    image_size = image_size or entry.input_size
+    limits = [("batch size", batch_size, 1), ("image size", image_size, 1), ("steps", steps, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)]  # fmt: skip
+    for name, value, least in limits:
+        if value < least:
+            raise UserError(f"{name} = {value}: must be at least {least}")
+    if precision not in PRECISIONS:
+        raise UserError(f"precision = {precision!r}: use one of {', '.join(PRECISIONS)}")
+    device_ = runtime.resolve_device(device)
+    precision = runtime.resolve_precision(precision, device_)
+    if channels_last is None:
+        channels_last = runtime.resolve_channels_last("auto", device_)
+    # As `gtrain fit` does unless train.deterministic: cuDNN picks the fastest kernels.
+    torch.backends.cudnn.benchmark = True
+
+    model = create_model(model_name, num_classes=num_classes).to(device_)
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device_)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device_)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler(device_.type, enabled=precision == "fp16")
+    forward = torch.compile(model) if compile else model
+
+    timing = dict(batch_size=batch_size, steps=steps, warmup=warmup, repeats=repeats, device=device_)
+    model.train()
+    train = _images_per_s(functools.partial(_train_step, forward, optimizer, scaler, images, labels, device_, precision), **timing)
+    model.eval()
+    infer = _images_per_s(functools.partial(_infer_step, forward, images, device_, precision), **timing)
+
+    flops_per_image = forward_flops(model_name, image_size, num_classes)
+    train_images_per_s = statistics.median(train)
+    tflops = 3 * flops_per_image * train_images_per_s / 1e12
+    name = _device_name(device_)
+    peak = peak_tflops(name, precision) if device_.type == "cuda" else None
+    return BenchResult(
+        model=model_name, device=str(device_), device_name=name, torch_version=torch.__version__,
+        precision=precision, channels_last=channels_last, compiled=compile,
+        batch_size=batch_size, image_size=image_size, steps=steps, repeats=repeats,
+        train_images_per_s=train_images_per_s, train_spread_pct=_spread_pct(train),
+        infer_images_per_s=statistics.median(infer), infer_spread_pct=_spread_pct(infer),
+        flops_per_image=flops_per_image, tflops=tflops,
+        mfu=tflops / peak if peak else None, peak_tflops=peak,
+    )  # fmt: skip
+
+
+def format_rows(result: BenchResult) -> list[tuple[str, str]]:
+    """(label, value) rows for a human; the CLI lays them out."""
+    r = result
+    timed = f"median of {r.repeats} x {r.steps} steps"
+    if r.mfu is None:
+        mfu = "- (no known peak for this device)"
+    else:
+        mfu = f"{r.mfu:.1%} of {r.peak_tflops:,.0f} TFLOP/s ({'TF32' if r.precision == 'fp32' else r.precision} dense peak)"
+    return [
+        ("model", f"{r.model}, batch {r.batch_size} x {r.image_size} px"),
+        ("device", f"{r.device} ({r.device_name}), torch {r.torch_version}"),
+        ("setup", f"{r.precision}, {'channels_last' if r.channels_last else 'NCHW'}, {'compiled' if r.compiled else 'eager'}"),
+        ("train", f"{r.train_images_per_s:,.1f} img/s (spread {r.train_spread_pct:.1f}%, {timed})"),
+        ("inference", f"{r.infer_images_per_s:,.1f} img/s (spread {r.infer_spread_pct:.1f}%, {timed})"),
+        ("FLOPs", f"{r.flops_per_image / 1e9:.3f} GFLOPs per image forward, 3x that per training step"),
+        ("achieved", f"{r.tflops:.3f} TFLOP/s in training"),
+        ("MFU", mfu),
+    ]
+
+
+def _train_step(model: nn.Module, optimizer, scaler, images, labels, device: torch.device, precision: str) -> None:
+    with runtime.autocast(device, precision):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+@torch.no_grad()
+def _infer_step(model: nn.Module, images, device: torch.device, precision: str) -> None:
+    with runtime.autocast(device, precision):
+        model(images)
+
+
+def _images_per_s(step, *, batch_size: int, steps: int, warmup: int, repeats: int, device: torch.device) -> list[float]:
+    """Images/s of each of `repeats` groups of `steps` calls of `step`, after `warmup` calls
+    (kernel selection, allocator growth and, when compiled, compilation)."""
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _synchronize(device)  # CUDA runs asynchronously: wait for the queued kernels
+        rates.append(batch_size * steps / (time.perf_counter() - start))
+    return rates
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _spread_pct(rates: list[float]) -> float:
+    return (max(rates) - min(rates)) / statistics.median(rates) * 100
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "cpu"
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, flags=re.MULTILINE)
+    return model.group(1).strip() if model else "cpu"

@@ -1,0 +1,122 @@
+"""torch.distributed under torchrun on CPU (gloo): the same training as one process,
+exact validation, resume on any number of processes, and no hang when a worker dies."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import write_mnist
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """A small HorNet on 256 MNIST-format images at 8 px; global batch 64: 4 steps per epoch.
+    66 validation images: they do not divide evenly over 4 or 2 x 32."""
+    root = write_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=66)
+    return ["quickstart_hornet", "--set", "data.dataset=MNIST", "--set", f"data.root={root}", "--set", "data.image_size=8",
+            "--set", "data.batch_size=64", "--set", "train.epochs=2", "--set", "train.precision=fp32",
+            "--set", "data.workers=0"]
+
+
+def run(*args, fault="", timeout=180):
+    env = {**os.environ, "GTRAIN_FAULT": fault, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def torchrun(*args, nproc=2, fault="", timeout=180):
+    return run("-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "gtrain", *args,
+               fault=fault, timeout=timeout)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, recipe):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    result = torchrun("fit", *recipe, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_two_processes_train_like_one(tmp_path, recipe, two_process_run):
+    out2, result = two_process_run
+    assert "2 processes x 32" in result.stdout  # the global batch, split
+    out1 = tmp_path / "one"
+    single = run("-m", "gtrain", "fit", *recipe, "--out", out1)
+    assert single.returncode == 0, single.stderr
+    two, one = metrics(out2), metrics(out1)
+    assert len(two) == len(one) == 2
+    steps = lambda d: torch.load(d / "checkpoints" / "last.pt", weights_only=True)["scheduler"]["last_epoch"]
+    assert steps(out2) == steps(out1) == 8
+    # Same images in every global batch; only BatchNorm-free HorNet's float sums differ in order.
+    assert abs(two[-1]["val_top1"] - one[-1]["val_top1"]) <= 0.05
+
+
+def test_distributed_validation_equals_single_process_eval(recipe, two_process_run):
+    out, _ = two_process_run
+    root = recipe[recipe.index("--set") + 3].split("=", 1)[1]
+    result = run("-m", "gtrain", "eval", out / "final.safetensors", "--set", f"data.root={root}", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    last = metrics(out)[-1]
+    assert report["images"] == 66
+    assert report["top1"] == last["val_top1"] and report["top5"] == last["val_top5"]
+    assert report["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+
+
+def test_two_process_run_interrupted_resumes_on_two_and_on_one(tmp_path, recipe):
+    out = tmp_path / "run"
+    stopped = torchrun("fit", *recipe, "--out", out, fault="signal-at-step:5:SIGTERM")
+    assert stopped.returncode != 0
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["progress"]["step_in_epoch"] == 1
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+
+    on_two = torchrun("fit", "--resume", out)
+    assert on_two.returncode == 0, on_two.stderr[-3000:]
+    on_one = run("-m", "gtrain", "fit", "--resume", copy)
+    assert on_one.returncode == 0, on_one.stderr
+    assert [r["epoch"] for r in metrics(out)] == [r["epoch"] for r in metrics(copy)] == [1, 2]
+    assert set(load_file(out / "final.safetensors")) == set(load_file(copy / "final.safetensors"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_rendezvous_on_localhost(tmp_path, recipe):
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GTRAIN_FAULT": ""}
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}", "--nproc-per-node=1",
+             "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "gtrain", "fit", *recipe,
+             "--set", "train.epochs=1", "--out", str(tmp_path / "run")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=180)
+        assert node.returncode == 0, err[-3000:]
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [1]
+
+
+def test_a_dead_worker_ends_the_run_with_its_rank(tmp_path, recipe):
+    result = torchrun("fit", *recipe, "--out", tmp_path / "run", fault="kill-rank-at-step:1:2", timeout=120)
+    assert result.returncode != 0  # and within the timeout: no hang
+    assert "rank" in result.stderr
+    assert "Signal 9" in result.stderr or "SIGKILL" in result.stderr
