@@ -62,6 +62,7 @@ def run_gtrain(model, dataset, *, args, device, precision, channels_last) -> flo
     reporter = Reporter(Console(file=io.StringIO()))
 
     def epoch(batches, global_step: int):
+        reporter.epoch_start(1, 1, args.steps)
         return train_steps(
             model, batches, optimizer, scheduler, scaler,
             device=device, precision=precision, channels_last=channels_last,

@@ -63,10 +63,7 @@ def evaluate(
     images = 0
     k = min(5, num_classes)
     for inputs, targets in loader:
-        inputs = inputs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        inputs, targets = runtime.to_device(inputs, targets, device, channels_last)
         with runtime.autocast(device, precision):
             logits = model(inputs)
         logits = logits.float()

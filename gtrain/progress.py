@@ -49,15 +49,18 @@ class Reporter:
 
     # -- before training -------------------------------------------------------------
     def start(self, facts: dict[str, Any]) -> None:
-        if self.quiet:
-            return
+        if not self.quiet:
+            self._facts(facts, title="gtrain fit", style="bold cyan")
+
+    def _facts(self, facts: dict[str, Any], *, title: str, style: str) -> None:
+        """A panel of `key value` rows on a terminal; `key: value` lines elsewhere."""
         if self.live:
             grid = Table.grid(padding=(0, 2))
-            grid.add_column(style="bold cyan")
+            grid.add_column(style=style)
             grid.add_column()
             for key, value in facts.items():
                 grid.add_row(key, str(value))
-            self.console.print(Panel(grid, title="gtrain fit", expand=False))
+            self.console.print(Panel(grid, title=title, expand=False))
         else:
             for key, value in facts.items():
                 self.console.print(f"{key}: {value}", highlight=False, soft_wrap=True)
@@ -115,17 +118,8 @@ class Reporter:
             self._progress = None
 
     # -- after training --------------------------------------------------------------
-    def summary(self, lines: dict[str, Any]) -> None:
-        if self.live:
-            grid = Table.grid(padding=(0, 2))
-            grid.add_column(style="bold green")
-            grid.add_column()
-            for key, value in lines.items():
-                grid.add_row(key, str(value))
-            self.console.print(Panel(grid, title="done", expand=False))
-        else:
-            for key, value in lines.items():
-                self.console.print(f"{key}: {value}", highlight=False, soft_wrap=True)
+    def summary(self, facts: dict[str, Any]) -> None:
+        self._facts(facts, title="done", style="bold green")
 
     def note(self, message: str) -> None:
         if not self.quiet:

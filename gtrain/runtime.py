@@ -61,6 +61,13 @@ def resolve_channels_last(setting: str, device: torch.device) -> bool:
     return setting == "on"
 
 
+def to_device(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device, channels_last: bool):
+    inputs = inputs.to(device, non_blocking=True)
+    if channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs, targets.to(device, non_blocking=True)
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device

@@ -148,10 +148,7 @@ def train_steps(
     stopped = False
     start = last_report = time.perf_counter()
     for inputs, targets in loader:
-        inputs = inputs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        inputs, targets = runtime.to_device(inputs, targets, device, channels_last)
 
         with runtime.autocast(device, precision):
             logits = model(inputs)
