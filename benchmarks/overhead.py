@@ -85,8 +85,9 @@ def run_hand(model, dataset, *, args, device, precision, channels_last) -> float
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=OPTIM.lr, momentum=OPTIM.momentum, nesterov=OPTIM.nesterov, weight_decay=OPTIM.weight_decay
-    )
+        model.parameters(), lr=OPTIM.lr, momentum=OPTIM.momentum, nesterov=OPTIM.nesterov,
+        weight_decay=OPTIM.weight_decay,
+    )  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 

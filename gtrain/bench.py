@@ -37,7 +37,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Dense tensor-core peaks in TFLOP/s from NVIDIA's data sheets (their headline figures
 # are with 2:4 sparsity, twice these). fp32 is measured against the TF32 peak: PyTorch
-# runs convolutions in TF32 by default (torch.backends.cudnn.allow_tf32); fp16 and bf16
+# runs convolutions in TF32 by default (torch.backends.cudnn.allow_tf32), though matmuls
+# (HorNet's Linear layers) stay full FP32, so HorNet's fp32 MFU reads low. fp16 and bf16
 # share one peak on every card listed. The first pattern that matches
 # torch.cuda.get_device_name() wins, so a variant comes before its family's plain name.
 #   pattern (regex)    TF32     BF16/FP16
@@ -114,8 +115,13 @@ def run_bench(
     default; `channels_last` None: as `gtrain fit` decides (on for CUDA)."""
     entry = get_model_entry(model_name)
     image_size = image_size or entry.input_size
-    limits = [("batch size", batch_size, 1), ("image size", image_size, 1), ("steps", steps, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)]  # fmt: skip
-    for name, value, least in limits:
+    for name, value, least in [
+        ("batch size", batch_size, 1),
+        ("image size", image_size, 1),
+        ("steps", steps, 1),
+        ("repeats", repeats, 1),
+        ("warmup", warmup, 0),
+    ]:
         if value < least:
             raise UserError(f"{name} = {value}: must be at least {least}")
     if precision not in PRECISIONS:
@@ -139,12 +145,13 @@ def run_bench(
 
     timing = dict(batch_size=batch_size, steps=steps, warmup=warmup, repeats=repeats, device=device_)
     model.train()
-    train = _images_per_s(functools.partial(_train_step, forward, optimizer, scaler, images, labels, device_, precision), **timing)
+    train_step = functools.partial(_train_step, forward, optimizer, scaler, images, labels, device_, precision)
+    train_rates = _images_per_s(train_step, **timing)
     model.eval()
-    infer = _images_per_s(functools.partial(_infer_step, forward, images, device_, precision), **timing)
+    infer_rates = _images_per_s(functools.partial(_infer_step, forward, images, device_, precision), **timing)
 
     flops_per_image = forward_flops(model_name, image_size, num_classes)
-    train_images_per_s = statistics.median(train)
+    train_images_per_s = statistics.median(train_rates)
     tflops = 3 * flops_per_image * train_images_per_s / 1e12
     name = _device_name(device_)
     peak = peak_tflops(name, precision) if device_.type == "cuda" else None
@@ -152,8 +159,8 @@ def run_bench(
         model=model_name, device=str(device_), device_name=name, torch_version=torch.__version__,
         precision=precision, channels_last=channels_last, compiled=compile,
         batch_size=batch_size, image_size=image_size, steps=steps, repeats=repeats,
-        train_images_per_s=train_images_per_s, train_spread_pct=_spread_pct(train),
-        infer_images_per_s=statistics.median(infer), infer_spread_pct=_spread_pct(infer),
+        train_images_per_s=train_images_per_s, train_spread_pct=_spread_pct(train_rates),
+        infer_images_per_s=statistics.median(infer_rates), infer_spread_pct=_spread_pct(infer_rates),
         flops_per_image=flops_per_image, tflops=tflops,
         mfu=tflops / peak if peak else None, peak_tflops=peak,
     )  # fmt: skip
@@ -162,17 +169,20 @@ def run_bench(
 def format_rows(result: BenchResult) -> list[tuple[str, str]]:
     """(label, value) rows for a human; the CLI lays them out."""
     r = result
-    timed = f"median of {r.repeats} x {r.steps} steps"
-    if r.mfu is None:
-        mfu = "- (no known peak for this device)"
-    else:
-        mfu = f"{r.mfu:.1%} of {r.peak_tflops:,.0f} TFLOP/s ({'TF32' if r.precision == 'fp32' else r.precision} dense peak)"
+    timed = f"median of {r.repeats} x {r.steps} steps; spread = (max - min) / median"
+    layout = "channels_last" if r.channels_last else "NCHW"
+    mode = "compiled" if r.compiled else "eager"
+    mfu = "- (no known peak for this device)"
+    if r.mfu is not None:
+        peak_kind = "TF32" if r.precision == "fp32" else r.precision
+        mfu = f"{r.mfu:.1%} of {r.peak_tflops:,.0f} TFLOP/s ({peak_kind} dense peak)"
     return [
         ("model", f"{r.model}, batch {r.batch_size} x {r.image_size} px"),
         ("device", f"{r.device} ({r.device_name}), torch {r.torch_version}"),
-        ("setup", f"{r.precision}, {'channels_last' if r.channels_last else 'NCHW'}, {'compiled' if r.compiled else 'eager'}"),
-        ("train", f"{r.train_images_per_s:,.1f} img/s (spread {r.train_spread_pct:.1f}%, {timed})"),
-        ("inference", f"{r.infer_images_per_s:,.1f} img/s (spread {r.infer_spread_pct:.1f}%, {timed})"),
+        ("setup", f"{r.precision}, {layout}, {mode}"),
+        ("train", f"{r.train_images_per_s:,.1f} img/s (spread {r.train_spread_pct:.1f}%)"),
+        ("inference", f"{r.infer_images_per_s:,.1f} img/s (spread {r.infer_spread_pct:.1f}%)"),
+        ("timing", timed),
         ("FLOPs", f"{r.flops_per_image / 1e9:.3f} GFLOPs per image forward, 3x that per training step"),
         ("achieved", f"{r.tflops:.3f} TFLOP/s in training"),
         ("MFU", mfu),

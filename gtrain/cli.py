@@ -179,5 +179,40 @@ def models(
     console.print(table)
 
 
+@app.command()
+def bench(
+    model: Annotated[str, typer.Argument(help="Model name (see `gtrain models`).")],
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    image_size: Annotated[Optional[int], typer.Option(help="Image side in pixels (default: the model's).")] = None,
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    channels_last: Annotated[
+        Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Memory format (default: per device).")
+    ] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model first.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    steps: Annotated[int, typer.Option(help="Timed steps per repeat.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Timed groups; the result is their median.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
+) -> None:
+    """Training-step and inference images/s of one model, achieved TFLOP/s and MFU."""
+    from gtrain.bench import format_rows, run_bench
+
+    try:
+        result = run_bench(
+            model, batch_size=batch_size, image_size=image_size, precision=precision, channels_last=channels_last,
+            compile=compile, device=device, steps=steps, warmup=warmup, repeats=repeats,
+        )  # fmt: skip
+    except UserError as error:
+        raise fail(error) from None
+    if as_json:
+        sys.stdout.write(result.to_json() + "\n")
+        return
+    table = Table(title=f"gtrain bench {model}", show_header=False)
+    for label, value in format_rows(result):
+        table.add_row(label, value)
+    console.print(table)
+
+
 def main() -> None:
     app()

@@ -149,3 +149,12 @@ def test_plain_output_has_no_control_codes(tmp_path, mnist_root):
     assert "\x1b[" not in result.output
     for fact in ["model: resnext29_2x16d", "dataset: MNIST", "device: cpu", "epoch   1/1", "best top-1"]:
         assert fact in result.output
+
+
+def test_bench_json_reports_throughput_flops_and_mfu():
+    result = invoke("bench", "resnext29_2x16d", "--batch-size", 4, "--image-size", 16, "--steps", 1, "--warmup", 1,
+                    "--repeats", 1, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["train_images_per_s"] > 0 and report["infer_images_per_s"] > 0
+    assert report["tflops"] > 0 and report["mfu"] is None  # no known peak for a CPU

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# `gtrain bench` over the GPU matrix of the benchmark issue, in one go:
+#   resnext29_8x64d and hornet_cifar_tiny_7x7 at 32 px (batch 256),
+#   resnext50_32x4d and hornet_tiny_7x7 at 224 px (batch 128),
+#   eager: fp32 and bf16 x NCHW and channels_last (16 runs), then
+#   compiled: bf16 + channels_last, the setup one would train with (4 runs).
+# torch.compile takes a minute or more per model (training and inference graphs), so
+# the compiled runs come last and cover only the setup that matters.
+#
+# Each result is one JSON line appended to ${OUT:-.}/gpu_bench.jsonl; stderr of every
+# run goes to gpu_bench.log. Every run has its own timeout and the whole matrix a
+# budget (BUDGET_S, default 540 s): a hang or a slow compile costs at most its own
+# timeout, and runs that would start past the budget are skipped and listed.
+#
+#   bash benchmarks/gpu.sh                      # from the repository root, after pip install -e .
+#   STEPS=10 BUDGET_S=300 bash benchmarks/gpu.sh
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+OUT_DIR=${OUT:-.}
+STEPS=${STEPS:-20}
+REPEATS=${REPEATS:-3}
+BUDGET_S=${BUDGET_S:-540}
+EAGER_TIMEOUT_S=${EAGER_TIMEOUT_S:-120}
+COMPILED_TIMEOUT_S=${COMPILED_TIMEOUT_S:-240}
+
+mkdir -p "$OUT_DIR"
+results="$OUT_DIR/gpu_bench.jsonl"
+log="$OUT_DIR/gpu_bench.log"
+: >"$log"
+touch "$results"
+
+{
+  nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,memory.total --format=csv || true
+  "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
+} | tee "$OUT_DIR/gpu_env.txt"
+
+# --repeats is passed only where the CLI has it; otherwise run_bench's default applies.
+repeat_args=()
+if "$PYTHON" -m gtrain bench --help 2>/dev/null | grep -q -- "--repeats"; then
+  repeat_args=(--repeats "$REPEATS")
+fi
+
+skipped=()
+failed=()
+
+# bench MODEL IMAGE_SIZE BATCH PRECISION FORMAT(nchw|cl) MODE(eager|compiled) TIMEOUT_S
+bench() {
+  local model=$1 size=$2 batch=$3 precision=$4 format=$5 mode=$6 limit_s=$7
+  local label="$model ${size}px b$batch $precision $format $mode"
+  local left_s=$((BUDGET_S - SECONDS))
+  if ((left_s < 30)); then
+    skipped+=("$label")
+    return 0
+  fi
+  if ((limit_s > left_s)); then limit_s=$left_s; fi
+  local args=("$model" --batch-size "$batch" --image-size "$size" --precision "$precision"
+    --device cuda --steps "$STEPS" ${repeat_args[@]+"${repeat_args[@]}"} --json)
+  if [[ $format == cl ]]; then args+=(--channels-last); else args+=(--no-channels-last); fi
+  if [[ $mode == compiled ]]; then args+=(--compile); fi
+
+  echo "== $label (timeout ${limit_s}s, ${SECONDS}s used)" | tee -a "$log"
+  local started=$SECONDS output
+  if output=$(timeout --kill-after=10 "$limit_s" "$PYTHON" -m gtrain bench "${args[@]}" 2>>"$log"); then
+    # The JSON object is the last line of stdout.
+    printf '%s\n' "$output" | tail -n 1 | tee -a "$results"
+    echo "   $((SECONDS - started))s" >>"$log"
+  else
+    echo "   FAILED (exit $?) after $((SECONDS - started))s: see $log" | tee -a "$log"
+    failed+=("$label")
+  fi
+}
+
+cifar=(resnext29_8x64d hornet_cifar_tiny_7x7)
+imagenet=(resnext50_32x4d hornet_tiny_7x7)
+
+for precision in bf16 fp32; do
+  for format in cl nchw; do
+    for model in "${cifar[@]}"; do bench "$model" 32 256 "$precision" "$format" eager "$EAGER_TIMEOUT_S"; done
+    for model in "${imagenet[@]}"; do bench "$model" 224 128 "$precision" "$format" eager "$EAGER_TIMEOUT_S"; done
+  done
+done
+# HorNet first: its LayerNorms, gates and GELUs are where fusion can pay.
+bench hornet_tiny_7x7 224 128 bf16 cl compiled "$COMPILED_TIMEOUT_S"
+bench hornet_cifar_tiny_7x7 32 256 bf16 cl compiled "$COMPILED_TIMEOUT_S"
+bench resnext50_32x4d 224 128 bf16 cl compiled "$COMPILED_TIMEOUT_S"
+bench resnext29_8x64d 32 256 bf16 cl compiled "$COMPILED_TIMEOUT_S"
+
+echo
+echo "total ${SECONDS}s; results in $results"
+for label in "${failed[@]+"${failed[@]}"}"; do echo "failed: $label"; done
+for label in "${skipped[@]+"${skipped[@]}"}"; do echo "skipped (budget): $label"; done
+
+"$PYTHON" - "$results" <<'EOF'
+import json
+import sys
+
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+if rows:
+    print(f"\n{rows[0]['device_name']}, torch {rows[0]['torch_version']}")
+header = f"{'model':<24}{'px':>4}{'batch':>6}  {'prec':<5}{'format':<7}{'mode':<9}{'train img/s':>12}{'±%':>6}{'infer img/s':>13}{'±%':>6}{'TFLOP/s':>9}{'MFU':>7}"
+print(header)
+print("-" * len(header))
+for r in rows:
+    mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+    print(
+        f"{r['model']:<24}{r['image_size']:>4}{r['batch_size']:>6}  {r['precision']:<5}"
+        f"{'cl' if r['channels_last'] else 'nchw':<7}{'compiled' if r['compiled'] else 'eager':<9}"
+        f"{r['train_images_per_s']:>12,.0f}{r['train_spread_pct']:>6.1f}{r['infer_images_per_s']:>13,.0f}"
+        f"{r['infer_spread_pct']:>6.1f}{r['tflops']:>9.1f}{mfu:>7}"
+    )
+EOF
