@@ -85,7 +85,9 @@ def fit(
         raise (fail(error) if world.is_main else typer.Exit(UserError.exit_code)) from None
     except OSError as error:  # an unreadable or corrupt data file, a full disk
         reporter.close()
-        raise fail(UserError(f"{error}; the last checkpoint in {run_dir} is intact")) from None
+        # From a DataLoader worker the message carries the worker's traceback: keep its last line.
+        cause = [line for line in str(error).splitlines() if line.strip()][-1:] or [type(error).__name__]
+        raise fail(UserError(f"{cause[0].strip()}; fix or remove that file; nothing in {run_dir} was damaged")) from None
     except Interrupted as stop:
         reporter.close()
         if world.is_main:

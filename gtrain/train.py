@@ -1,8 +1,12 @@
 """`gtrain fit`: a recipe becomes a model, loaders and a training loop.
 
-`fit` sets the run up and walks the epochs; `train_one_epoch` is the loop itself, read
-top to bottom: batch, forward, loss, backward, step, log. Everything else (precision,
-memory format, checkpoints, progress) is a small helper they call.
+`fit` sets the run up and walks the epochs; `train_steps` is the loop itself, read top
+to bottom: batch, forward, loss, backward, step, log. Everything else (precision, memory
+format, checkpoints, distribution, progress) is a small helper they call.
+
+An epoch may be trained in several segments: a segment ends at the epoch's end, at a
+stop signal or after `train.checkpoint_minutes`; the run is checkpointed between
+segments, so continuing after a pause and resuming after a crash take the same path.
 """
 
 import json
@@ -23,7 +27,7 @@ from gtrain.data import build_data
 from gtrain.distributed import World
 from gtrain.errors import UserError
 from gtrain.evaluate import evaluate
-from gtrain.loaders import EpochSampler, make_eval_loader, make_train_loader
+from gtrain.loaders import make_eval_loader, make_train_loader
 from gtrain.models import create_model
 from gtrain.optim import build_optimizer, build_scheduler
 from gtrain.progress import EpochRow, Reporter, format_seconds

@@ -158,3 +158,27 @@ def test_bench_json_reports_throughput_flops_and_mfu():
     report = json.loads(result.output)
     assert report["train_images_per_s"] > 0 and report["infer_images_per_s"] > 0
     assert report["tflops"] > 0 and report["mfu"] is None  # no known peak for a CPU
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path, imagefolder_root, workers):
+    broken = next((imagefolder_root / "train").iterdir()) / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    result = invoke("fit", *TINY, "--set", "data.dataset=ImageFolder", "--set", f"data.root={imagefolder_root}",
+                    "--set", f"data.workers={workers}", "--set", "data.batch_size=8", "--set", "train.epochs=1",
+                    "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "broken.png" in errors[0]
+
+
+def test_an_empty_image_folder_is_one_line(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    result = invoke("fit", *TINY, "--set", "data.dataset=ImageFolder", "--set", f"data.root={tmp_path}", "--out", tmp_path / "r")
+    assert result.exit_code == 2 and str(tmp_path / "train") in result.output and "Traceback" not in result.output
+
+
+def test_bad_cli_arguments_exit_with_code_2():
+    result = invoke("fit", "--nproc", "zero")
+    assert result.exit_code == 2 and "Traceback" not in result.output

@@ -3,7 +3,6 @@ save leaves the previous checkpoint loadable, and a hostile or broken checkpoint
 refused with one line. Each run is a real `python -m gtrain` process, signals included."""
 
 import os
-import pickle
 import subprocess
 import sys
 
@@ -107,7 +106,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, 
     last = finished_run / "checkpoints" / "last.pt"
     original = last.read_bytes()
     try:
-        torch.save({"model": Payload(marker)}, last, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+        torch.save({"model": Payload(marker)}, last)
         result = gtrain_in_process("fit", "--resume", finished_run, "--set", "train.epochs=2")
     finally:
         last.write_bytes(original)
