@@ -23,6 +23,7 @@ class EpochRow:
     val_top5: float
     lr: float
     images_per_s: float
+    data_wait_fraction: float  # share of the training time spent waiting for batches
     seconds: float
 
 

@@ -68,6 +68,7 @@ class Progress:
     epoch_loss_sum: float = 0.0  # sum of the per-step losses of those steps
     epoch_images: int = 0
     epoch_seconds: float = 0.0
+    epoch_data_wait_s: float = 0.0
     best_top1: float = -1.0
     best_epoch: int = 0
     elapsed_s: float = 0.0
@@ -119,6 +120,7 @@ class Segment:
     loss_sum: float
     images: int
     seconds: float
+    data_wait_s: float  # of `seconds`, spent waiting for the data loader
     stopped: bool  # by a signal (on any process)
 
 
@@ -151,7 +153,10 @@ def train_steps(
     images = steps = 0
     stopped = False
     start = last_report = time.perf_counter()
+    data_wait_s = 0.0
+    step_end = start
     for inputs, targets in loader:
+        data_wait_s += time.perf_counter() - step_end  # the loop stood still waiting for this batch
         inputs, targets = runtime.to_device(inputs, targets, device, channels_last)
 
         with runtime.autocast(device, precision):
@@ -185,11 +190,12 @@ def train_steps(
             reporter.step(step, loss.item(), optimizer.param_groups[0]["lr"], rate, eta_s)
         # Every process must leave at the same step, or the next collective deadlocks.
         stopped, paused = distributed.agree([bool(stop), now - start > pause_after_s], device, world)
+        step_end = time.perf_counter()
         if stopped or paused:
             break
     if first_bad_step.item() >= 0:
         raise NonFiniteLoss(first_bad_step.item())
-    return Segment(steps, loss_sum.item(), images, time.perf_counter() - start, stopped)
+    return Segment(steps, loss_sum.item(), images, time.perf_counter() - start, data_wait_s, stopped)
 
 
 def non_finite_error(step: int, paths: "RunFolder") -> UserError:
@@ -362,6 +368,7 @@ def fit(
                 progress.epoch_loss_sum += segment.loss_sum
                 progress.epoch_images += segment.images
                 progress.epoch_seconds += segment.seconds
+                progress.epoch_data_wait_s += segment.data_wait_s
                 if progress.step_in_epoch < steps_per_epoch:  # paused within the epoch
                     progress.elapsed_s = time.perf_counter() - run_start
                     checkpoint()
@@ -377,11 +384,13 @@ def fit(
                 epoch=epoch + 1, epochs=train.epochs, train_loss=progress.epoch_loss_sum / steps_per_epoch,
                 val_loss=result.loss, val_top1=result.top1, val_top5=result.top5,
                 lr=optimizer.param_groups[0]["lr"], images_per_s=progress.epoch_images / progress.epoch_seconds,
+                data_wait_fraction=progress.epoch_data_wait_s / progress.epoch_seconds,
                 seconds=progress.epoch_seconds + result.seconds,
             )  # fmt: skip
             reporter.epoch_end(row)
             progress.epoch = epoch + 1
-            progress.step_in_epoch, progress.epoch_loss_sum, progress.epoch_images, progress.epoch_seconds = 0, 0.0, 0, 0.0
+            progress.step_in_epoch, progress.epoch_loss_sum, progress.epoch_images = 0, 0.0, 0
+            progress.epoch_seconds = progress.epoch_data_wait_s = 0.0
             progress.elapsed_s = time.perf_counter() - run_start
             progress.history.append({k: v for k, v in vars(row).items() if k != "epochs"})
             if world.is_main:

@@ -28,7 +28,9 @@ def test_fit_then_eval_on_mnist_format_data(tmp_path, mnist_root):
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert set(rows[0]) >= {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "seconds"}
+    assert set(rows[0]) >= {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "seconds",
+                            "data_wait_fraction"}
+    assert all(0 <= r["data_wait_fraction"] < 1 for r in rows)
     assert "MNIST" in (run / "recipe.toml").read_text()
 
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
