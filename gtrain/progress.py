@@ -47,6 +47,8 @@ class Reporter:
         self._progress: Progress | None = None
         self._task = None
         self._last_plain = 0.0
+        self._epoch_label = ""
+        self._steps = 0
 
     # -- before training -------------------------------------------------------------
     def start(self, facts: dict[str, Any]) -> None:
