@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
@@ -62,6 +62,9 @@ def write_text_atomic(path: Path, text: str) -> None:
 # Training state
 
 
+TRAINING_STATE_KEYS = frozenset({"model", "optimizer", "scheduler", "scaler", "progress", "rng", "recipe"})
+
+
 def save_state(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -72,10 +75,14 @@ def load_state(path: Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise UserError(f"no training state at {path}: is this a gtrain run folder?")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt, truncated or a pickle that wants to run code
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot load {path}: not a valid gtrain checkpoint ({reason[:200]})") from None
+    missing = TRAINING_STATE_KEYS - set(state) if isinstance(state, dict) else TRAINING_STATE_KEYS
+    if missing:
+        raise UserError(f"cannot load {path}: not a gtrain training state (it lacks {', '.join(sorted(missing))})")
+    return state
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,10 +145,9 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], WeightsMeta]:
     if not path.is_file():
         raise UserError(f"no weights file at {path}")
     try:
-        data = path.read_bytes()
-        tensors = load_safetensors_bytes(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+        tensors = load_safetensors_file(path)
+        with safe_open(path, "pt") as file:
+            meta = file.metadata() or {}
     except (SafetensorError, ValueError, OSError) as error:
         raise UserError(f"cannot read {path}: not a valid safetensors file ({error})") from None
     return tensors, WeightsMeta.from_strings(meta, path)

@@ -60,13 +60,15 @@ def fit(
 
     if nproc is not None and not distributed.launched_by_torchrun():
         launch_torchrun(nproc)
-    world = distributed.World()
-    reporter = Reporter(console, quiet=quiet)
+    world = distributed.World.from_env()  # so that only rank 0 prints, even before it joins the group
+    reporter = Reporter(console if world.is_main else Console(quiet=True), quiet=quiet or not world.is_main)
     run_dir = resume or out
     try:
         if resume is not None:
-            if recipe is not None:
-                raise UserError("give either a recipe or --resume RUN_DIR, not both: a resumed run uses its own recipe.toml")
+            if recipe is not None or out is not None:
+                raise UserError(
+                    "--resume RUN_DIR continues that folder with its own recipe.toml: give no recipe and no --out with it"
+                )
             if not (resume / "recipe.toml").is_file():
                 raise UserError(f"{resume} is not a gtrain run folder (no recipe.toml): give the folder `gtrain fit` wrote")
             loaded, name = load_recipe(str(resume / "recipe.toml"), overrides or [])
@@ -77,9 +79,7 @@ def fit(
                 raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --out")
         world = distributed.init(runtime.resolve_device(device or loaded.train.device))
         run_dir = distributed.broadcast_object(run_dir, world)  # one timestamp for all processes
-        if not world.is_main:
-            reporter = Reporter(Console(quiet=True), quiet=True)
-        run_fit(loaded, run_dir, recipe_name=name, reporter=reporter, device=device, resume=resume is not None, world=world)
+        run_fit(loaded, run_dir, reporter=reporter, device=device, resume=resume is not None, world=world)
     except UserError as error:
         reporter.close()
         raise (fail(error) if world.is_main else typer.Exit(UserError.exit_code)) from None
@@ -87,7 +87,8 @@ def fit(
         reporter.close()
         # From a DataLoader worker the message carries the worker's traceback: keep its last line.
         cause = [line for line in str(error).splitlines() if line.strip()][-1:] or [type(error).__name__]
-        raise fail(UserError(f"{cause[0].strip()}; fix or remove that file; nothing in {run_dir} was damaged")) from None
+        error = UserError(f"{cause[0].strip()}; fix or remove that file; nothing in {run_dir} was damaged")
+        raise (fail(error) if world.is_main else typer.Exit(UserError.exit_code)) from None
     except Interrupted as stop:
         reporter.close()
         if world.is_main:
@@ -95,7 +96,8 @@ def fit(
         raise typer.Exit(stop.exit_code) from None
     except KeyboardInterrupt:
         reporter.close()
-        error_console.print(f"stopped at once; the last checkpoint in {run_dir} is intact")
+        if world.is_main:
+            error_console.print(f"stopped at once; the last checkpoint in {run_dir} is intact")
         raise typer.Exit(130) from None
     finally:
         distributed.shutdown(world)

@@ -6,6 +6,7 @@ LOCAL_RANK, and `init` joins the process group they describe. Without them every
 here is a no-op, and `gtrain eval` never calls it.
 """
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -26,6 +27,12 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "World":
+        """What torchrun says this process will be, before the process group exists."""
+        env = os.environ
+        return cls(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
 
     @property
     def is_main(self) -> bool:
@@ -102,6 +109,16 @@ def broadcast_object(value, world: World):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+@contextlib.contextmanager
+def main_process_first(world: World):
+    """The main process runs the block first (a download, say), then the others do."""
+    if world.distributed and not world.is_main:
+        dist.barrier()
+    yield
+    if world.distributed and world.is_main:
+        dist.barrier()
 
 
 def shutdown(world: World) -> None:

@@ -123,7 +123,3 @@ class Reporter:
     # -- after training --------------------------------------------------------------
     def summary(self, facts: dict[str, Any]) -> None:
         self._facts(facts, title="done", style="bold green")
-
-    def note(self, message: str) -> None:
-        if not self.quiet:
-            self.console.print(message, highlight=False, soft_wrap=True)

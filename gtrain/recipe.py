@@ -225,7 +225,25 @@ def _check_model_settings(recipe: Recipe) -> list[str]:
             lines.append(f"model.{key} = {value!r}: expected a {type(default).__name__} like {default!r}")
         else:
             setattr(recipe.model, key, coerced)
+    if not lines and recipe.model_overrides():
+        lines = _try_build(recipe)
     return lines
+
+
+def _try_build(recipe: Recipe) -> list[str]:
+    """Values of the right type can still make no network (cardinality 0, drop path 1.5):
+    build it where nothing is allocated and report what PyTorch objects to."""
+    import torch
+
+    from gtrain.models import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(recipe.model.name, num_classes=10, **recipe.model_overrides())
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError, IndexError) as error:
+        settings = ", ".join(f"model.{k} = {v!r}" for k, v in recipe.model_overrides().items())
+        return [f"{settings}: {recipe.model.name} cannot be built with that ({error})"]
+    return []
 
 
 def _coerce_like(default: Any, value: Any) -> Any:

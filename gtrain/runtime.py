@@ -17,11 +17,13 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"train.device = {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+        raise UserError(f"device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device = {name!r}: no CUDA GPU is visible here; use --device cpu or auto")
+        raise UserError(f"device {name!r}: no CUDA GPU is visible here; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type not in ("cpu", "cuda"):
-        raise UserError(f"train.device = {name!r}: gtrain trains on cpu or cuda")
+        raise UserError(f"device {name!r}: gtrain runs on cpu or cuda")
     return device
 
 

@@ -189,13 +189,18 @@ def train_steps(
             eta_s = (steps_per_epoch - step) * (now - start) / steps
             reporter.step(step, loss.item(), optimizer.param_groups[0]["lr"], rate, eta_s)
         # Every process must leave at the same step, or the next collective deadlocks.
-        stopped, paused = distributed.agree([bool(stop), now - start > pause_after_s], device, world)
+        bad = world.distributed and first_bad_step.item() >= 0
+        stopped, paused, bad = distributed.agree([bool(stop), now - start > pause_after_s, bad], device, world)
+        if bad:
+            raise NonFiniteLoss(first_bad_step.item())
         step_end = time.perf_counter()
         if stopped or paused:
             break
     if first_bad_step.item() >= 0:
         raise NonFiniteLoss(first_bad_step.item())
-    return Segment(steps, loss_sum.item(), images, time.perf_counter() - start, data_wait_s, stopped)
+    # Under torchrun: the loss over all processes' images, and all of their images.
+    loss_sum = distributed.all_reduce_sum(loss_sum, world) / world.size
+    return Segment(steps, loss_sum.item(), images * world.size, time.perf_counter() - start, data_wait_s, stopped)
 
 
 def non_finite_error(step: int, paths: "RunFolder") -> UserError:
@@ -217,14 +222,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # The run may resume on a machine that sees fewer GPUs than the one that saved it.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def fit(
     recipe: Recipe,
     run_dir: Path,
     *,
-    recipe_name: str,
     reporter: Reporter,
     device: str | None = None,
     resume: bool = False,
@@ -244,14 +250,16 @@ def fit(
     runtime.seed_everything(train.seed + world.rank, train.deterministic)
     per_process_batch = distributed.per_process_batch(recipe.data.batch_size, world)
 
-    data = build_data(
-        recipe.data.dataset,
-        root=Path(recipe.data.root),
-        download=recipe.data.download,
-        image_size=recipe.data.image_size,
-        augment=recipe.data.augment,
-        val_split=recipe.data.val_split,
-    )
+    # Under torchrun the main process downloads alone; the others wait, then read its copy.
+    with distributed.main_process_first(world):
+        data = build_data(
+            recipe.data.dataset,
+            root=Path(recipe.data.root),
+            download=recipe.data.download and world.is_main,
+            image_size=recipe.data.image_size,
+            augment=recipe.data.augment,
+            val_split=recipe.data.val_split,
+        )
     info = data.info
     if len(data.train) < recipe.data.batch_size:
         raise UserError(
@@ -289,10 +297,11 @@ def fit(
                 f"{', '.join(changed)}; only {', '.join(sorted(SAFE_TO_CHANGE_ON_RESUME))} may change "
                 "(start a new run for anything else)"
             )
-        if state["progress"]["epoch"] >= train.epochs and not state["progress"]["step_in_epoch"]:
+        done = state["progress"]["epoch"] + (state["progress"]["step_in_epoch"] > 0)
+        if train.epochs < done or (train.epochs == done == state["progress"]["epoch"] and paths.final.exists()):
             raise UserError(
-                f"{paths.root} already finished its {state['progress']['epoch']} epochs: "
-                "resume with more, e.g. --set train.epochs=" + str(state["progress"]["epoch"] + 10)
+                f"{paths.root} has trained {done} of its epochs: resume with more, "
+                f"e.g. --set train.epochs={state['progress']['epoch'] + 10}"
             )
         load_into(model, state["model"], paths.last)
         optimizer.load_state_dict(state["optimizer"])
@@ -400,7 +409,8 @@ def fit(
                 if world.is_main:
                     save_weights(paths.best, model, meta)
             checkpoint()
-            if distributed.agree([bool(stop)], device_, world)[0]:
+            last_epoch = epoch + 1 == train.epochs  # then finish: only the final weights are left to write
+            if not last_epoch and distributed.agree([bool(stop)], device_, world)[0]:
                 raise Interrupted(stop.signum or signal.SIGTERM)
 
     if world.is_main:

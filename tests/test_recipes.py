@@ -116,3 +116,8 @@ def test_any_recipe_document_is_accepted_or_rejected_with_gtrains_own_error(docu
         validate_recipe(document)
     except UserError as error:
         assert str(error).strip()
+
+
+def test_model_settings_that_make_no_network_are_one_line():
+    with pytest.raises(UserError, match=r"model.cardinality = 0: resnext29_2x16d cannot be built with that"):
+        validate_recipe({"model": {"name": "resnext29_2x16d", "cardinality": 0}})

@@ -216,7 +216,7 @@ class HorNet(nn.Module):
             )
         widths = [config.base_width * 2**i for i in range(4)]
         self.num_features = widths[-1]
-        # Four 2x downsamples after the stem: smaller inputs would leave a map below 1x1.
+        # Three 2x downsamples after the stem: smaller inputs would leave a map below 1x1.
         self.min_input_size = config.stem_stride * 8
 
         kernel, stride = config.stem_kernel_size, config.stem_stride
@@ -269,7 +269,8 @@ class HorNet(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the final Linear with a freshly initialised one, e.g. to fine-tune."""
-        self.head = nn.Linear(self.num_features, num_classes)
+        old = self.head.weight
+        self.head = nn.Linear(self.num_features, num_classes).to(device=old.device, dtype=old.dtype)
         _init_weights(self.head)
 
 
