@@ -133,6 +133,24 @@ class DataBundle:
     info: DatasetInfo
     train: Dataset  # items (float tensor C,H,W normalized, int label); augmented when augment=True
     val: Dataset  # the evaluation transform, never augmented
+    # Small fixed-size images (the "cifar" style rows) can live on the device as uint8 and be
+    # augmented there in batches (gtrain.memory_loader); None for the others.
+    augmentation: "BatchAugmentation | None" = None
+
+
+@dataclass(frozen=True)
+class BatchAugmentation:
+    """The "cifar" style augmentation, as numbers a batched implementation needs."""
+
+    pad: int  # pixels of zero padding before the random crop back to image_size; 0: no crop
+    flip: bool
+
+
+def raw_uint8(dataset: Dataset, image_size: int) -> Dataset:
+    """The same dataset yielding resized uint8 tensors (C, H, W) without augmentation or
+    normalization, for loading it into memory once."""
+    dataset.transform = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
+    return dataset
 
 
 def list_datasets() -> list[str]:
@@ -278,7 +296,10 @@ def build_data(
     train_tf = train_transform(spec, size) if augment else evaluate
     train = _load(name, spec.splits["train"], root=root, download=download, transform=train_tf)
     val = _load(name, spec.splits[val_split], root=root, download=download, transform=evaluate)
-    return DataBundle(_table_info(name, spec, size, train), train, val)
+    batched = None
+    if spec.style == "cifar":
+        batched = BatchAugmentation(pad=max(1, size // 8) if augment else 0, flip=spec.flip and augment)
+    return DataBundle(_table_info(name, spec, size, train), train, val, batched)
 
 
 def build_eval_data(

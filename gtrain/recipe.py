@@ -39,6 +39,9 @@ class DataSection(Section):
     augment: bool = Field(True, description="the dataset's default train augmentation")
     val_split: str = Field("test", description="split used for validation after each epoch")
     workers: int = Field(2, ge=0, description="DataLoader worker processes")
+    in_memory: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: small fixed-size datasets (CIFAR, MNIST, digits, ...) live on the device as uint8"
+    )
 
 
 class OptimSection(Section):

@@ -23,11 +23,12 @@ from torch.nn import functional as F
 
 from gtrain import distributed, faults, runtime
 from gtrain.checkpoint import WeightsMeta, load_into, load_state, save_state, save_weights, write_text_atomic
-from gtrain.data import build_data
+from gtrain.data import DataBundle, build_data
 from gtrain.distributed import World
 from gtrain.errors import UserError
 from gtrain.evaluate import evaluate
-from gtrain.loaders import make_eval_loader, make_train_loader
+from gtrain.loaders import EpochSampler, make_eval_loader, make_train_loader
+from gtrain.memory_loader import InMemoryLoader, load_uint8
 from gtrain.models import create_model
 from gtrain.optim import build_optimizer, build_scheduler
 from gtrain.progress import EpochRow, Reporter, format_seconds
@@ -227,6 +228,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, index)
 
 
+def make_loaders(data: DataBundle, recipe: Recipe, device: torch.device, world: World):
+    """(train loader, its sampler, val loader): on the device for small fixed-size datasets,
+    else DataLoaders with workers."""
+    shard = dict(rank=world.rank, world_size=world.size)
+    in_memory = recipe.data.in_memory == "on" or (recipe.data.in_memory == "auto" and data.augmentation is not None)
+    if not in_memory:
+        pin_memory = device.type == "cuda"
+        train_loader, sampler = make_train_loader(
+            data.train, global_batch=recipe.data.batch_size, seed=recipe.train.seed, workers=recipe.data.workers,
+            pin_memory=pin_memory, **shard,
+        )  # fmt: skip
+        val_loader = make_eval_loader(
+            data.val, batch_size=recipe.data.batch_size // world.size, workers=recipe.data.workers,
+            pin_memory=pin_memory, **shard,
+        )  # fmt: skip
+        return train_loader, sampler, val_loader
+    if data.augmentation is None:
+        raise UserError(f"data.in_memory = 'on' is for small fixed-size datasets; {data.info.name} needs 'off'")
+    info = data.info
+    sampler = EpochSampler(len(data.train), recipe.train.seed, global_batch=recipe.data.batch_size, **shard)
+    train_images, train_labels = load_uint8(data.train, info.image_size, device)
+    val_images, val_labels = load_uint8(data.val, info.image_size, device)
+    normalize = dict(mean=info.mean, std=info.std)
+    train_loader = InMemoryLoader(
+        train_images, train_labels, batch_size=recipe.data.batch_size // world.size, sampler=sampler,
+        augmentation=data.augmentation, seed=recipe.train.seed, **normalize,
+    )  # fmt: skip
+    # Process r evaluates images r, r + N, ...: each once, as with the DataLoader path.
+    val_loader = InMemoryLoader(
+        val_images[world.rank :: world.size], val_labels[world.rank :: world.size],
+        batch_size=recipe.data.batch_size // world.size, **normalize,
+    )  # fmt: skip
+    return train_loader, sampler, val_loader
+
+
 def fit(
     recipe: Recipe,
     run_dir: Path,
@@ -273,15 +309,7 @@ def fit(
         model = model.to(memory_format=torch.channels_last)
     trained_model = distributed.wrap(model, train.sync_bn, device_, world)
 
-    pin_memory = device_.type == "cuda"
-    shard = dict(rank=world.rank, world_size=world.size)
-    train_loader, sampler = make_train_loader(
-        data.train, global_batch=recipe.data.batch_size, seed=train.seed, workers=recipe.data.workers,
-        pin_memory=pin_memory, **shard,
-    )  # fmt: skip
-    val_loader = make_eval_loader(
-        data.val, batch_size=per_process_batch, workers=recipe.data.workers, pin_memory=pin_memory, **shard
-    )
+    train_loader, sampler, val_loader = make_loaders(data, recipe, device_, world)
     steps_per_epoch = len(data.train) // recipe.data.batch_size
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=train.epochs, optim=recipe.optim)
