@@ -303,15 +303,27 @@ def build_data(
 
 
 def build_eval_data(
-    dataset: str, *, root: Path, download: bool, split: str, image_size: int | None = None
+    dataset: str,
+    *,
+    root: Path,
+    download: bool,
+    split: str,
+    image_size: int | None = None,
+    class_names: tuple[str, ...] | None = None,
 ) -> tuple[DatasetInfo, Dataset]:
-    """One split of a dataset with the evaluation transform, for scoring a trained model."""
+    """One split of a dataset with the evaluation transform, for scoring a trained model.
+
+    `class_names`: the classes the model was trained on; an ImageFolder must have exactly
+    these, or its labels would silently mean other classes.
+    """
     name = _canonical_name(dataset)
     root = Path(root)
     if name == IMAGE_FOLDER:
         size = _image_size(image_size, IMAGE_FOLDER_SPEC)
         # The model's class indices are the train folder's: score another folder only if it agrees.
-        expected = _class_folders(root / "train") if (root / "train").is_dir() else None
+        expected = list(class_names) if class_names else None
+        if expected is None and (root / "train").is_dir():
+            expected = _class_folders(root / "train")
         transform = eval_transform(IMAGE_FOLDER_SPEC, size)
         data = _load_image_folder(_image_folder_split(root, split), transform, expected_classes=expected)
         return _image_folder_info(size, data.classes), data
@@ -459,7 +471,7 @@ def _load_image_folder(
         extra = ", ".join(sorted(set(classes) - set(expected_classes))) or "none"
         missing = ", ".join(sorted(set(expected_classes) - set(classes))) or "none"
         raise UserError(
-            f"ImageFolder: the class folders of {directory} differ from train/ (extra: {extra}; "
+            f"ImageFolder: the class folders of {directory} differ from the training classes (extra: {extra}; "
             f"missing: {missing}): use the same class folders in every split"
         )
     try:

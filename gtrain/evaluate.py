@@ -133,8 +133,9 @@ def run_eval(path: Path, *, split: str, overrides: list[str], batch_size: int, d
     data = validate_recipe(document, source=str(run_recipe or weights)).data
 
     info, dataset = build_eval_data(
-        data.dataset, root=Path(data.root), download=data.download, split=split, image_size=meta.image_size
-    )
+        data.dataset, root=Path(data.root), download=data.download, split=split, image_size=meta.image_size,
+        class_names=meta.class_names,
+    )  # fmt: skip
     if info.num_classes != meta.num_classes or info.in_chans != meta.in_chans:
         raise UserError(
             f"{info.name} has {info.num_classes} classes and {info.in_chans} channels, but {weights} was trained "

@@ -184,3 +184,16 @@ def test_an_empty_image_folder_is_one_line(tmp_path):
 def test_bad_cli_arguments_exit_with_code_2():
     result = invoke("fit", "--nproc", "zero")
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_eval_refuses_an_image_folder_with_other_classes(tmp_path, imagefolder_root):
+    run = tmp_path / "run"
+    result = invoke("fit", *TINY, "--set", "data.dataset=ImageFolder", "--set", f"data.root={imagefolder_root}",
+                    "--set", "data.batch_size=16", "--set", "train.epochs=1", "--out", run)
+    assert result.exit_code == 0, result.output
+    other = tmp_path / "other"
+    other.mkdir()
+    (imagefolder_root / "val").rename(other / "val")
+    (other / "val" / "cat").rename(other / "val" / "lion")
+    result = invoke("eval", run / "final.safetensors", "--set", f"data.root={other}", "--split", "val")
+    assert result.exit_code == 2 and "lion" in result.output and "Traceback" not in result.output
