@@ -36,10 +36,14 @@ class EpochSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.size, generator=generator)
 
-    def __iter__(self):
+    def indices(self) -> torch.Tensor:
+        """This process's images for the rest of the epoch, in training order."""
         batches = self.order(self.epoch)[: self.steps * self.global_batch]
         batches = batches.view(self.steps, self.world_size, -1)  # (step, process, image)
-        return iter(batches[self.start_step :, self.rank].flatten().tolist())
+        return batches[self.start_step :, self.rank].flatten()
+
+    def __iter__(self):
+        return iter(self.indices().tolist())
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * (self.global_batch // self.world_size)
@@ -52,9 +56,7 @@ def make_train_loader(
     loader = DataLoader(
         dataset,
         batch_size=global_batch // world_size,
-        sampler=sampler,
-        # A last partial batch would give BatchNorm a different batch statistic.
-        drop_last=True,
+        sampler=sampler,  # whole batches only: the sampler drops the epoch's remainder
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,

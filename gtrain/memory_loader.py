@@ -53,17 +53,16 @@ class InMemoryLoader:
         self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
-        count = len(self.sampler) if self.sampler is not None else len(self.labels)
         if self.sampler is not None:
-            return count // self.batch_size
-        return -(-count // self.batch_size)
+            return len(self.sampler) // self.batch_size  # the sampler yields whole batches
+        return -(-len(self.labels) // self.batch_size)  # evaluation keeps the last partial batch
 
     def __iter__(self):
         if self.sampler is None:
-            order = torch.arange(len(self.labels), device=self.images.device)
+            order, first_step = torch.arange(len(self.labels)), 0
         else:
-            order = torch.tensor(list(iter(self.sampler)), device=self.images.device)
-        first_step = self.sampler.start_step if self.sampler is not None else 0
+            order, first_step = self.sampler.indices(), self.sampler.start_step
+        order = order.to(self.images.device)
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             images = self.images[index]

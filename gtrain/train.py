@@ -234,9 +234,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, index)
 
 
-def make_loaders(data: DataBundle, recipe: Recipe, device: torch.device, world: World):
-    """(train loader, its sampler, val loader): on the device for small fixed-size datasets,
-    else DataLoaders with workers."""
+def make_loaders(data: DataBundle, recipe: Recipe, batch_size: int, device: torch.device, world: World):
+    """(train loader, its sampler, val loader) yielding `batch_size` images per process: on
+    the device for small fixed-size datasets, else DataLoaders with workers."""
     shard = dict(rank=world.rank, world_size=world.size)
     in_memory = recipe.data.in_memory == "on" or (recipe.data.in_memory == "auto" and data.augmentation is not None)
     if not in_memory:
@@ -246,7 +246,7 @@ def make_loaders(data: DataBundle, recipe: Recipe, device: torch.device, world: 
             pin_memory=pin_memory, **shard,
         )  # fmt: skip
         val_loader = make_eval_loader(
-            data.val, batch_size=recipe.data.batch_size // world.size, workers=recipe.data.workers,
+            data.val, batch_size=batch_size, workers=recipe.data.workers,
             pin_memory=pin_memory, **shard,
         )  # fmt: skip
         return train_loader, sampler, val_loader
@@ -258,13 +258,13 @@ def make_loaders(data: DataBundle, recipe: Recipe, device: torch.device, world: 
     val_images, val_labels = load_uint8(data.val, info.image_size, device)
     normalize = dict(mean=info.mean, std=info.std)
     train_loader = InMemoryLoader(
-        train_images, train_labels, batch_size=recipe.data.batch_size // world.size, sampler=sampler,
+        train_images, train_labels, batch_size=batch_size, sampler=sampler,
         augmentation=data.augmentation, seed=recipe.train.seed, **normalize,
     )  # fmt: skip
     # Process r evaluates images r, r + N, ...: each once, as with the DataLoader path.
     val_loader = InMemoryLoader(
         val_images[world.rank :: world.size], val_labels[world.rank :: world.size],
-        batch_size=recipe.data.batch_size // world.size, **normalize,
+        batch_size=batch_size, **normalize,
     )  # fmt: skip
     return train_loader, sampler, val_loader
 
@@ -315,7 +315,7 @@ def fit(
         model = model.to(memory_format=torch.channels_last)
     trained_model = distributed.wrap(model, train.sync_bn, device_, world)
 
-    train_loader, sampler, val_loader = make_loaders(data, recipe, device_, world)
+    train_loader, sampler, val_loader = make_loaders(data, recipe, per_process_batch, device_, world)
     steps_per_epoch = len(data.train) // recipe.data.batch_size
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=train.epochs, optim=recipe.optim)
