@@ -146,6 +146,23 @@ class BatchAugmentation:
     flip: bool
 
 
+def batch_mix(*, mixup_alpha: float, cutmix_alpha: float, num_classes: int):
+    """MixUp and/or CutMix of a batch on the device: (images, labels) -> (mixed images, soft
+    labels (N, num_classes)); None when both are off. With both, each batch gets one of them,
+    chosen with equal odds (as in the DeiT and timm recipes). Their random draws come from
+    torch's global generator, which checkpoints save and restore."""
+    from torchvision.transforms import v2
+
+    mixes = []
+    if mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
 def raw_uint8(dataset: Dataset, image_size: int) -> Dataset:
     """The same dataset yielding resized uint8 tensors (C, H, W) without augmentation or
     normalization, for loading it into memory once."""
@@ -232,8 +249,19 @@ class Digits(VisionDataset):
 # time per item (measured here, 0.5 against 1.1 ms for the digits pipeline on a loaded CPU).
 
 
-def train_transform(spec: DatasetSpec, image_size: int) -> transforms.Compose:
-    """The training augmentation of a table row: PIL image in, normalized float tensor (C, H, W) out."""
+AutoAugment = Literal["none", "randaugment", "trivialaugment"]
+
+
+def train_transform(
+    spec: DatasetSpec, image_size: int, *, auto_augment: AutoAugment = "none", random_erasing: float = 0.0
+) -> transforms.Compose:
+    """The training augmentation of a table row: PIL image in, normalized float tensor (C, H, W) out.
+
+    `auto_augment` adds a policy after the crop and flip (RandAugment with torchvision's
+    defaults, 2 ops of magnitude 9; TrivialAugment draws one op and magnitude per image);
+    `random_erasing` is the probability of erasing a rectangle of the normalized tensor,
+    filled with 0, the dataset mean.
+    """
     if spec.style == "cifar":
         # Resize first, so data can be fed at another size than its native one (at the native
         # size it costs nothing: PIL returns a copy). Then pad by 1/8 of the side and crop back:
@@ -246,7 +274,14 @@ def train_transform(spec: DatasetSpec, image_size: int) -> transforms.Compose:
         steps = [transforms.RandomResizedCrop(image_size)]
     if spec.flip:
         steps.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose([*steps, *_to_normalized_tensor(spec)])
+    if auto_augment == "randaugment":
+        steps.append(transforms.RandAugment())
+    elif auto_augment == "trivialaugment":
+        steps.append(transforms.TrivialAugmentWide())
+    steps += _to_normalized_tensor(spec)
+    if random_erasing > 0:
+        steps.append(transforms.RandomErasing(p=random_erasing, value=0))
+    return transforms.Compose(steps)
 
 
 def eval_transform(spec: DatasetSpec, image_size: int) -> transforms.Compose:
@@ -279,25 +314,32 @@ def build_data(
     image_size: int | None = None,
     augment: bool = True,
     val_split: str = "test",
+    auto_augment: AutoAugment = "none",
+    random_erasing: float = 0.0,
 ) -> DataBundle:
     """The train set (augmented when `augment`) and the `val_split` set (never augmented).
+
+    `auto_augment` and `random_erasing` are per-image transforms: with either, the data
+    comes through a DataLoader (`augmentation` is None), not the batched in-memory path.
 
     `val_split="test"` falls back to "val" for data without a test split (Imagenette, an
     ImageFolder without test/).
     """
     name = _canonical_name(dataset)
     root = Path(root)
+    per_image = dict(auto_augment=auto_augment, random_erasing=random_erasing)
     if name == IMAGE_FOLDER:
-        return _build_image_folder(root, image_size=image_size, augment=augment, val_split=val_split)
+        return _build_image_folder(root, image_size=image_size, augment=augment, val_split=val_split, **per_image)
     spec = DATASETS[name]
     size = _image_size(image_size, spec)
     val_split = _resolve_split(name, val_split, spec.splits)
     evaluate = eval_transform(spec, size)
-    train_tf = train_transform(spec, size) if augment else evaluate
+    train_tf = train_transform(spec, size, **per_image) if augment else evaluate
     train = _load(name, spec.splits["train"], root=root, download=download, transform=train_tf)
     val = _load(name, spec.splits[val_split], root=root, download=download, transform=evaluate)
     batched = None
-    if spec.style == "cifar":
+    needs_per_image = augment and (auto_augment != "none" or random_erasing > 0)
+    if spec.style == "cifar" and not needs_per_image:
         batched = BatchAugmentation(pad=max(1, size // 8) if augment else 0, flip=spec.flip and augment)
     return DataBundle(_table_info(name, spec, size, train), train, val, batched)
 
@@ -429,10 +471,12 @@ def _class_names(data: Dataset, num_classes: int) -> tuple[str, ...]:
 # ImageFolder ---------------------------------------------------------------------------------
 
 
-def _build_image_folder(root: Path, *, image_size: int | None, augment: bool, val_split: str) -> DataBundle:
+def _build_image_folder(
+    root: Path, *, image_size: int | None, augment: bool, val_split: str, **per_image: Any
+) -> DataBundle:
     size = _image_size(image_size, IMAGE_FOLDER_SPEC)
     evaluate = eval_transform(IMAGE_FOLDER_SPEC, size)
-    train_tf = train_transform(IMAGE_FOLDER_SPEC, size) if augment else evaluate
+    train_tf = train_transform(IMAGE_FOLDER_SPEC, size, **per_image) if augment else evaluate
     train = _load_image_folder(_image_folder_split(root, "train"), train_tf)
     val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes)
     return DataBundle(_image_folder_info(size, train.classes), train, val)

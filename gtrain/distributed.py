@@ -103,6 +103,14 @@ def wrap(model: nn.Module, sync_bn: bool, device: torch.device, world: World) ->
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def gradient_sync(module: nn.Module, enabled: bool):
+    """DDP all-reduces gradients in every backward; while accumulating micro-batches only
+    the last backward of a step needs to, so the others run under `no_sync`."""
+    if enabled or not isinstance(module, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
 def broadcast_object(value, world: World):
     if not world.distributed:
         return value

@@ -25,6 +25,12 @@ class EpochRow:
     images_per_s: float
     data_wait_fraction: float  # share of the training time spent waiting for batches
     seconds: float
+    val_loss_ema: float | None = None  # of the weight average, with train.ema_decay
+    val_top1_ema: float | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """The metrics.jsonl line: every measured value."""
+        return {key: value for key, value in vars(self).items() if key != "epochs" and value is not None}
 
 
 def format_seconds(seconds: float) -> str:
@@ -109,7 +115,9 @@ class Reporter:
             return
         self.console.print(
             f"epoch {row.epoch:>3}/{row.epochs}  train_loss {row.train_loss:.4f}  val_loss {row.val_loss:.4f}  "
-            f"top1 {row.val_top1:6.2%}  top5 {row.val_top5:6.2%}  {row.images_per_s:,.0f} img/s  "
+            f"top1 {row.val_top1:6.2%}  top5 {row.val_top5:6.2%}  "
+            + (f"ema top1 {row.val_top1_ema:6.2%}  " if row.val_top1_ema is not None else "")
+            + f"{row.images_per_s:,.0f} img/s  "
             f"{format_seconds(row.seconds)}",
             highlight=False,
             soft_wrap=True,

@@ -28,6 +28,11 @@ class ModelSection(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str = "resnext29_4x16d"
+    pretrained: str | None = Field(
+        None,
+        description="fine-tune from a local .pth/.safetensors (torchvision ResNeXt, official HorNet, gtrain); "
+        "a head of another class count is re-initialized",
+    )
 
 
 class DataSection(Section):
@@ -40,8 +45,16 @@ class DataSection(Section):
     val_split: str = Field("test", description="split used for validation after each epoch")
     workers: int = Field(2, ge=0, description="DataLoader worker processes")
     in_memory: Literal["auto", "on", "off"] = Field(
-        "auto", description="auto: small fixed-size datasets (CIFAR, MNIST, digits, ...) live on the device as uint8"
+        "auto",
+        description="auto: small fixed-size datasets (CIFAR, MNIST, digits, ...) live on the device as uint8, "
+        "unless auto_augment or random_erasing asks for per-image transforms",
     )
+    auto_augment: Literal["none", "randaugment", "trivialaugment"] = Field(
+        "none", description="per-image augmentation policy added to the dataset's default one"
+    )
+    random_erasing: float = Field(0.0, ge=0, le=1, description="probability of erasing a random rectangle per image")
+    mixup_alpha: float = Field(0.0, ge=0, description="Beta(alpha, alpha) MixUp of image pairs in a batch; 0: off")
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix of image pairs in a batch; 0: off; both set: one per batch")
 
 
 class OptimSection(Section):
@@ -69,6 +82,20 @@ class TrainSection(Section):
     channels_last: Literal["auto", "on", "off"] = "auto"
     checkpoint_minutes: float = Field(10.0, gt=0, description="also checkpoint within an epoch this often")
     sync_bn: bool = Field(False, description="SyncBatchNorm across processes under torchrun (CUDA)")
+    compile: bool = Field(False, description="torch.compile the model (worth it on GPUs; slower on CPU)")
+    accumulate_steps: int = Field(
+        1, ge=1, description="split each batch into this many micro-batches, summing gradients: same math, less memory"
+    )
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights, updated every step"
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a new best validation top-1"
+    )
+
+
+class LogSection(Section):
+    tensorboard: bool = Field(False, description="also write TensorBoard event files to RUN/tensorboard")
 
 
 class Recipe(BaseModel):
@@ -79,12 +106,22 @@ class Recipe(BaseModel):
     data: DataSection = Field(default_factory=DataSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    log: LogSection = Field(default_factory=LogSection)
 
     @model_validator(mode="after")
     def _milestones_within_epochs(self) -> "Recipe":
         late = [m for m in self.optim.milestones if m >= self.train.epochs]
         if self.optim.schedule == "multistep" and late:
             raise ValueError(f"optim.milestones {late} must be below train.epochs = {self.train.epochs}")
+        return self
+
+    @model_validator(mode="after")
+    def _accumulation_fits_batch(self) -> "Recipe":
+        if self.train.accumulate_steps > self.data.batch_size:
+            raise ValueError(
+                f"train.accumulate_steps = {self.train.accumulate_steps} splits each batch into micro-batches: "
+                f"it cannot exceed data.batch_size = {self.data.batch_size}"
+            )
         return self
 
     def model_overrides(self) -> dict[str, Any]:
@@ -100,8 +137,11 @@ class Recipe(BaseModel):
 # Keys a resumed run may change: they do not alter what the run computes, only how long
 # it goes on, where it reads its data from and how it is checkpointed.
 SAFE_TO_CHANGE_ON_RESUME = frozenset(
-    {"description", "train.epochs", "train.checkpoint_minutes", "train.device", "data.root", "data.download", "data.workers"}
-)
+    {
+        "description", "train.epochs", "train.checkpoint_minutes", "train.device", "train.early_stopping_patience",
+        "data.root", "data.download", "data.workers", "log.tensorboard",
+    }
+)  # fmt: skip
 
 
 def flatten(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -220,7 +260,7 @@ def _check_model_settings(recipe: Recipe) -> list[str]:
     lines = []
     for key, value in recipe.model_overrides().items():
         if key not in settings:
-            lines.append(f"unknown key model.{key}: {_did_you_mean(key, ['name', *settings])}")
+            lines.append(f"unknown key model.{key}: {_did_you_mean(key, ['name', 'pretrained', *settings])}")
             continue
         default = getattr(entry.config, key)
         coerced = _coerce_like(default, value)
@@ -276,7 +316,7 @@ def _describe(error: dict[str, Any], document: dict[str, Any]) -> str:
         *parents, leaf = loc
         section = {
             (): Recipe, ("model",): ModelSection, ("data",): DataSection,
-            ("optim",): OptimSection, ("train",): TrainSection,
+            ("optim",): OptimSection, ("train",): TrainSection, ("log",): LogSection,
         }.get(tuple(parents))
         valid = list(section.model_fields) if section else []
         return f"unknown key {key}: {_did_you_mean(leaf, valid)}"

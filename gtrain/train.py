@@ -9,7 +9,7 @@ stop signal or after `train.checkpoint_minutes`; the run is checkpointed between
 segments, so continuing after a pause and resuming after a crash take the same path.
 """
 
-import json
+import contextlib
 import random
 import signal
 import time
@@ -23,8 +23,9 @@ from torch.nn import functional as F
 
 from gtrain import distributed, faults, runtime
 from gtrain.checkpoint import WeightsMeta, load_into, load_state, save_state, save_weights, write_text_atomic
-from gtrain.data import DataBundle, build_data
+from gtrain.data import DataBundle, batch_mix, build_data
 from gtrain.distributed import World
+from gtrain.ema import WeightEMA
 from gtrain.errors import UserError
 from gtrain.evaluate import evaluate
 from gtrain.loaders import EpochSampler, make_eval_loader, make_train_loader
@@ -33,31 +34,7 @@ from gtrain.models import create_model
 from gtrain.optim import build_optimizer, build_scheduler
 from gtrain.progress import EpochRow, Reporter, format_seconds
 from gtrain.recipe import SAFE_TO_CHANGE_ON_RESUME, Recipe, unsafe_changes
-
-
-@dataclass(frozen=True)
-class RunFolder:
-    root: Path
-
-    @property
-    def recipe(self) -> Path:
-        return self.root / "recipe.toml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def last(self) -> Path:
-        return self.root / "checkpoints" / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.root / "best.safetensors"
-
-    @property
-    def final(self) -> Path:
-        return self.root / "final.safetensors"
+from gtrain.run_folder import MetricsLog, RunFolder, RunStatus
 
 
 @dataclass
@@ -72,6 +49,9 @@ class Progress:
     epoch_data_wait_s: float = 0.0
     best_top1: float = -1.0
     best_epoch: int = 0
+    best_top1_ema: float = -1.0  # of the weight average, with train.ema_decay
+    best_epoch_ema: int = 0
+    stopped_early: bool = False  # by train.early_stopping_patience
     elapsed_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)  # the rows of metrics.jsonl
 
@@ -140,6 +120,9 @@ def train_steps(
     channels_last: bool,
     label_smoothing: float,
     clip_grad_norm: float | None,
+    accumulate_steps: int,
+    mix,
+    ema: WeightEMA | None,
     first_step: int,
     steps_per_epoch: int,
     global_step: int,
@@ -162,24 +145,32 @@ def train_steps(
     for inputs, targets in loader:
         data_wait_s += time.perf_counter() - step_end  # the loop stood still waiting for this batch
         inputs, targets = runtime.to_device(inputs, targets, device, channels_last)
-
-        with runtime.autocast(device, precision):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+        if mix is not None:
+            inputs, targets = mix(inputs, targets)  # targets become soft labels (N, classes)
 
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss = torch.zeros((), device=device)
+        for chunk_inputs, chunk_targets, share, last in micro_batches(inputs, targets, accumulate_steps):
+            with distributed.gradient_sync(model, last):
+                with runtime.autocast(device, precision):
+                    logits = model(chunk_inputs)
+                # Each chunk's mean loss weighted by its share of the batch: the gradients
+                # sum to those of the whole batch's mean loss.
+                chunk_loss = F.cross_entropy(logits.float(), chunk_targets, label_smoothing=label_smoothing) * share
+                scaler.scale(chunk_loss).backward()
+            loss += chunk_loss.detach()
         if clip_grad_norm is not None:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update()
 
-        loss = loss.detach()
         loss_sum += loss
         first_bad_step.copy_(torch.where((first_bad_step < 0) & ~loss.isfinite(), global_step + steps + 1, first_bad_step))
-        images += targets.numel()
+        images += len(targets)
         steps += 1
         step = first_step + steps
         faults.maybe_signal_at_step(global_step + steps)
@@ -208,6 +199,16 @@ def train_steps(
     # Under torchrun: the loss over all processes' images, and all of their images.
     loss_sum = distributed.all_reduce_sum(loss_sum, world) / world.size
     return Segment(steps, loss_sum.item(), images * world.size, time.perf_counter() - start, data_wait_s, stopped)
+
+
+def micro_batches(inputs: torch.Tensor, targets: torch.Tensor, count: int):
+    """(inputs, targets, share of the batch, is last) for each of `count` chunks of a batch."""
+    if count == 1:
+        yield inputs, targets, 1.0, True
+        return
+    chunks = list(zip(inputs.chunk(count), targets.chunk(count)))
+    for index, (chunk_inputs, chunk_targets) in enumerate(chunks):
+        yield chunk_inputs, chunk_targets, len(chunk_targets) / len(targets), index == len(chunks) - 1
 
 
 def non_finite_error(step: int, paths: "RunFolder") -> UserError:
@@ -251,7 +252,11 @@ def make_loaders(data: DataBundle, recipe: Recipe, batch_size: int, device: torc
         )  # fmt: skip
         return train_loader, sampler, val_loader
     if data.augmentation is None:
-        raise UserError(f"data.in_memory = 'on' is for small fixed-size datasets; {data.info.name} needs 'off'")
+        per_image = recipe.data.auto_augment != "none" or recipe.data.random_erasing > 0
+        reason = "data.auto_augment and data.random_erasing run per image" if per_image else (
+            f"it is for small fixed-size datasets, which {data.info.name} is not"
+        )
+        raise UserError(f"data.in_memory = 'on' cannot be used: {reason}; set data.in_memory = 'auto' or 'off'")
     info = data.info
     sampler = EpochSampler(len(data.train), recipe.train.seed, global_batch=recipe.data.batch_size, **shard)
     train_images, train_labels = load_uint8(data.train, info.image_size, device)
@@ -277,6 +282,7 @@ def fit(
     device: str | None = None,
     resume: bool = False,
     world: World = World(),
+    recipe_name: str = "",
 ) -> dict[str, Any]:
     """Train `recipe` into `run_dir`; with `resume`, continue from its last checkpoint.
 
@@ -284,39 +290,52 @@ def fit(
     reports and writes files.
     """
     paths = RunFolder(Path(run_dir))
-    train = recipe.train
+    train, data_recipe = recipe.train, recipe.data
     device_ = distributed.local_device(runtime.resolve_device(device or train.device), world)
     precision = runtime.resolve_precision(train.precision, device_)
     channels_last = runtime.resolve_channels_last(train.channels_last, device_)
     # Each process draws its own augmentation; DDP copies rank 0's initial weights to all.
     runtime.seed_everything(train.seed + world.rank, train.deterministic)
-    per_process_batch = distributed.per_process_batch(recipe.data.batch_size, world)
+    per_process_batch = distributed.per_process_batch(data_recipe.batch_size, world)
 
     # Under torchrun the main process downloads alone; the others wait, then read its copy.
     with distributed.main_process_first(world):
         data = build_data(
-            recipe.data.dataset,
-            root=Path(recipe.data.root),
-            download=recipe.data.download and world.is_main,
-            image_size=recipe.data.image_size,
-            augment=recipe.data.augment,
-            val_split=recipe.data.val_split,
+            data_recipe.dataset,
+            root=Path(data_recipe.root),
+            download=data_recipe.download and world.is_main,
+            image_size=data_recipe.image_size,
+            augment=data_recipe.augment,
+            val_split=data_recipe.val_split,
+            auto_augment=data_recipe.auto_augment,
+            random_erasing=data_recipe.random_erasing,
         )
     info = data.info
-    if len(data.train) < recipe.data.batch_size:
+    if len(data.train) < data_recipe.batch_size:
         raise UserError(
-            f"data.batch_size = {recipe.data.batch_size} is larger than the {len(data.train)} training images "
+            f"data.batch_size = {data_recipe.batch_size} is larger than the {len(data.train)} training images "
             f"of {info.name}: lower data.batch_size"
         )
     model = create_model(
         recipe.model.name, num_classes=info.num_classes, in_chans=info.in_chans, **recipe.model_overrides()
-    ).to(device_)
+    )
+    pretrained = None
+    if recipe.model.pretrained and not resume:  # a resumed run has its own weights
+        from gtrain.pretrained import load_pretrained
+
+        pretrained = load_pretrained(model, Path(recipe.model.pretrained))
+    model.to(device_)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ema = WeightEMA(model, train.ema_decay) if train.ema_decay else None
     trained_model = distributed.wrap(model, train.sync_bn, device_, world)
+    # Compiled for speed, while checkpoints keep reading the plain module's state_dict.
+    step_model = torch.compile(trained_model) if train.compile else trained_model
+    eval_model = torch.compile(model) if train.compile else model
+    mix = batch_mix(mixup_alpha=data_recipe.mixup_alpha, cutmix_alpha=data_recipe.cutmix_alpha, num_classes=info.num_classes)
 
     train_loader, sampler, val_loader = make_loaders(data, recipe, per_process_batch, device_, world)
-    steps_per_epoch = len(data.train) // recipe.data.batch_size
+    steps_per_epoch = len(data.train) // data_recipe.batch_size
     optimizer = build_optimizer(model, recipe.optim)
     scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=train.epochs, optim=recipe.optim)
     scaler = torch.amp.GradScaler(device_.type, enabled=precision == "fp16")
@@ -324,29 +343,26 @@ def fit(
 
     if resume:
         state = load_state(paths.last)
-        changed = unsafe_changes(state["recipe"], recipe.to_dict())
-        if changed:
-            raise UserError(
-                f"cannot resume {paths.root}: the recipe differs from the one it was trained with in "
-                f"{', '.join(changed)}; only {', '.join(sorted(SAFE_TO_CHANGE_ON_RESUME))} may change "
-                "(start a new run for anything else)"
-            )
-        done = state["progress"]["epoch"] + (state["progress"]["step_in_epoch"] > 0)
-        if train.epochs < done or (train.epochs == done == state["progress"]["epoch"] and paths.final.exists()):
-            raise UserError(
-                f"{paths.root} has trained {done} of its epochs: resume with more, "
-                f"e.g. --set train.epochs={state['progress']['epoch'] + 10}"
-            )
+        check_resumable(state, recipe, paths)
         load_into(model, state["model"], paths.last)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         progress = Progress(**state["progress"])
+        progress.stopped_early = False  # check_resumable let it go on
         set_rng_state(state["rng"])
         if world.rank:  # the checkpoint holds the main process's random state; others branch off it
             torch.manual_seed(train.seed + 1_000_003 * world.rank + progress.epoch * steps_per_epoch + progress.step_in_epoch)
     if world.is_main:
         write_text_atomic(paths.recipe, recipe.to_toml())
+    metrics_log = MetricsLog(paths, tensorboard=recipe.log.tensorboard) if world.is_main else None
+    status = RunStatus(
+        paths,
+        {"recipe": recipe_name, "model": recipe.model.name, "dataset": info.name, "epochs": train.epochs},
+        enabled=world.is_main,
+    )
 
     meta = WeightsMeta(
         model=recipe.model.name,
@@ -363,44 +379,57 @@ def fit(
     def checkpoint() -> None:
         if not world.is_main:
             return
-        save_state(
-            paths.last,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "progress": vars(progress),
-                "rng": rng_state(),
-                "recipe": recipe.to_dict(),
-            },
-        )
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "progress": vars(progress),
+            "rng": rng_state(),
+            "recipe": recipe.to_dict(),
+        }
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        save_state(paths.last, state)
 
     params = sum(p.numel() for p in model.parameters())
-    reporter.start(
-        {
-            "model": f"{recipe.model.name} ({params / 1e6:.2f}M parameters)",
-            "dataset": f"{info.name}: {len(data.train):,} train / {len(data.val):,} val images, "
-            f"{info.num_classes} classes, {info.in_chans}x{info.image_size}x{info.image_size}",
-            "device": f"{device_} ({precision}, {'channels_last' if channels_last else 'NCHW'})",
-            "batch": f"{recipe.data.batch_size} x {steps_per_epoch} steps per epoch"
-            + (f" ({world.size} processes x {per_process_batch})" if world.distributed else ""),
-            "epochs": f"{train.epochs}" + (f" (resuming after epoch {progress.epoch}, step {progress.step_in_epoch})" if resume else ""),
-            "output": str(paths.root),
-        }
-    )
+    micro = -(-per_process_batch // train.accumulate_steps)
+    facts = {
+        "model": f"{recipe.model.name} ({params / 1e6:.2f}M parameters)",
+        "dataset": f"{info.name}: {len(data.train):,} train / {len(data.val):,} val images, "
+        f"{info.num_classes} classes, {info.in_chans}x{info.image_size}x{info.image_size}",
+        "device": f"{device_} ({precision}, {'channels_last' if channels_last else 'NCHW'}"
+        + (", compiled" if train.compile else "") + ")",
+        "batch": f"{data_recipe.batch_size} x {steps_per_epoch} steps per epoch"
+        + (f" ({world.size} processes x {per_process_batch})" if world.distributed else ""),
+        "epochs": f"{train.epochs}" + (f" (resuming after epoch {progress.epoch}, step {progress.step_in_epoch})" if resume else ""),
+        "output": str(paths.root),
+    }
+    if train.accumulate_steps > 1:
+        facts["batch"] = (
+            f"effective {data_recipe.batch_size} x {steps_per_epoch} steps per epoch: "
+            + (f"{world.size} processes x " if world.distributed else "")
+            + f"{train.accumulate_steps} accumulated micro-batches of {micro}"
+        )
+    if pretrained is not None:
+        facts["pretrained"] = pretrained.describe()
+    if ema is not None:
+        facts["ema"] = f"decay {train.ema_decay} per step (best_ema / final_ema.safetensors)"
+    reporter.start(facts)
 
     run_start = time.perf_counter() - progress.elapsed_s
-    with StopRequest() as stop:
+    with recording(status), StopRequest() as stop:
+        status.update(status="running", epochs_done=progress.epoch, elapsed_s=progress.elapsed_s)
         for epoch in range(progress.epoch, train.epochs):
             reporter.epoch_start(epoch + 1, train.epochs, steps_per_epoch, progress.step_in_epoch)
             while progress.step_in_epoch < steps_per_epoch:
                 sampler.set_epoch(epoch, start_step=progress.step_in_epoch)
                 try:
                     segment = train_steps(
-                        trained_model, train_loader, optimizer, scheduler, scaler,
+                        step_model, train_loader, optimizer, scheduler, scaler,
                         device=device_, precision=precision, channels_last=channels_last,
                         label_smoothing=train.label_smoothing, clip_grad_norm=recipe.optim.clip_grad_norm,
+                        accumulate_steps=train.accumulate_steps, mix=mix, ema=ema,
                         first_step=progress.step_in_epoch, steps_per_epoch=steps_per_epoch,
                         global_step=epoch * steps_per_epoch + progress.step_in_epoch,
                         reporter=reporter, pause_after_s=train.checkpoint_minutes * 60, stop=stop, world=world,
@@ -419,47 +448,114 @@ def fit(
                         reporter.close()
                         raise Interrupted(stop.signum or signal.SIGTERM)
 
-            result = evaluate(
-                model, val_loader, num_classes=info.num_classes, device=device_,
+            evaluation = dict(
+                loader=val_loader, num_classes=info.num_classes, device=device_,
                 precision=precision, channels_last=channels_last, world=world,
             )  # fmt: skip
+            result = evaluate(eval_model, **evaluation)
+            result_ema = evaluate(ema.module, **evaluation) if ema is not None else None
             row = EpochRow(
                 epoch=epoch + 1, epochs=train.epochs, train_loss=progress.epoch_loss_sum / steps_per_epoch,
                 val_loss=result.loss, val_top1=result.top1, val_top5=result.top5,
                 lr=optimizer.param_groups[0]["lr"], images_per_s=progress.epoch_images / progress.epoch_seconds,
                 data_wait_fraction=progress.epoch_data_wait_s / progress.epoch_seconds,
-                seconds=progress.epoch_seconds + result.seconds,
+                seconds=progress.epoch_seconds + result.seconds + (result_ema.seconds if result_ema else 0.0),
+                val_loss_ema=result_ema.loss if result_ema else None,
+                val_top1_ema=result_ema.top1 if result_ema else None,
             )  # fmt: skip
             reporter.epoch_end(row)
             progress.epoch = epoch + 1
             progress.step_in_epoch, progress.epoch_loss_sum, progress.epoch_images = 0, 0.0, 0
             progress.epoch_seconds = progress.epoch_data_wait_s = 0.0
             progress.elapsed_s = time.perf_counter() - run_start
-            progress.history.append({k: v for k, v in vars(row).items() if k != "epochs"})
-            if world.is_main:
-                write_text_atomic(paths.metrics, "".join(json.dumps(r) + "\n" for r in progress.history))
+            progress.history.append(row.to_record())
+            if metrics_log is not None:
+                metrics_log.write(progress.history)
             if result.top1 > progress.best_top1:
                 progress.best_top1, progress.best_epoch = result.top1, epoch + 1
                 if world.is_main:
                     save_weights(paths.best, model, meta)
+            if result_ema is not None and result_ema.top1 > progress.best_top1_ema:
+                progress.best_top1_ema, progress.best_epoch_ema = result_ema.top1, epoch + 1
+                if world.is_main:
+                    save_weights(paths.best_ema, ema.module, meta)
+            # Every process computed the same top-1 (reduced over all), so all stop together.
+            patience = train.early_stopping_patience
+            progress.stopped_early = patience is not None and progress.epoch - progress.best_epoch >= patience
             checkpoint()
+            status.update(
+                epochs_done=progress.epoch, best_top1=progress.best_top1, best_epoch=progress.best_epoch,
+                elapsed_s=progress.elapsed_s,
+            )  # fmt: skip
+            if progress.stopped_early:
+                break
             last_epoch = epoch + 1 == train.epochs  # then finish: only the final weights are left to write
             if not last_epoch and distributed.agree([bool(stop)], device_, world)[0]:
                 raise Interrupted(stop.signum or signal.SIGTERM)
 
-    if world.is_main:
-        save_weights(paths.final, model, meta)
+        if world.is_main:
+            save_weights(paths.final, model, meta)
+            if ema is not None:
+                save_weights(paths.final_ema, ema.module, meta)
+        status.update(status="finished", stopped_early=progress.stopped_early)
+    if metrics_log is not None:
+        metrics_log.close()
     summary = {
         "best top-1": f"{progress.best_top1:.2%} (epoch {progress.best_epoch})",
         "final top-1": f"{progress.history[-1]['val_top1']:.2%}" if progress.history else "-",
-        "time": format_seconds(progress.elapsed_s),
-        "written to": str(paths.root),
     }
+    if ema is not None:
+        summary["best EMA top-1"] = f"{progress.best_top1_ema:.2%} (epoch {progress.best_epoch_ema})"
+    if progress.stopped_early:
+        summary["stopped early"] = (
+            f"after epoch {progress.epoch} of {train.epochs}: no better top-1 for {train.early_stopping_patience} epochs"
+        )
+    summary.update({"time": format_seconds(progress.elapsed_s), "written to": str(paths.root)})
     reporter.summary(summary)
     return {
         "best_top1": progress.best_top1,
         "best_epoch": progress.best_epoch,
         "epochs": progress.epoch,
+        "stopped_early": progress.stopped_early,
         "seconds": progress.elapsed_s,
         "run_dir": str(paths.root),
     }
+
+
+def check_resumable(state: dict[str, Any], recipe: Recipe, paths: RunFolder) -> None:
+    """Refuse a resume that would not continue the same run, or has nothing left to do."""
+    changed = unsafe_changes(state["recipe"], recipe.to_dict())
+    if changed:
+        raise UserError(
+            f"cannot resume {paths.root}: the recipe differs from the one it was trained with in "
+            f"{', '.join(changed)}; only {', '.join(sorted(SAFE_TO_CHANGE_ON_RESUME))} may change "
+            "(start a new run for anything else)"
+        )
+    saved = state["progress"]
+    patience = recipe.train.early_stopping_patience
+    if saved.get("stopped_early") and patience is not None and saved["epoch"] - saved["best_epoch"] >= patience:
+        raise UserError(
+            f"{paths.root} stopped early after epoch {saved['epoch']} (best top-1 at epoch {saved['best_epoch']}): "
+            f"to train on, raise it with --set train.early_stopping_patience=N"
+        )
+    done = saved["epoch"] + (saved["step_in_epoch"] > 0)
+    if recipe.train.epochs < done or (recipe.train.epochs == done == saved["epoch"] and paths.final.exists()):
+        raise UserError(
+            f"{paths.root} has trained {done} of its epochs: resume with more, "
+            f"e.g. --set train.epochs={saved['epoch'] + 10}"
+        )
+
+
+@contextlib.contextmanager
+def recording(status: RunStatus):
+    """Leave run.json saying how the run ended, whatever ended it."""
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt):
+        status.update(status="interrupted")
+        raise
+    except BaseException as error:
+        # The last line: from a DataLoader worker, the message carries the worker's traceback.
+        lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        status.update(status="failed", error=lines[-1].strip())
+        raise

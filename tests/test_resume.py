@@ -2,6 +2,7 @@
 save leaves the previous checkpoint loadable, and a hostile or broken checkpoint is
 refused with one line. Each run is a real `python -m gtrain` process, signals included."""
 
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +68,28 @@ def test_resume_is_bit_exact(tmp_path, fast, uninterrupted, fault, exit_code):
     resumed = gtrain("fit", "--resume", run)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(load_file(run / "final.safetensors"), uninterrupted)
+
+
+FEATURES = {
+    "ema-accumulate-mixup-cutmix": ["--set", "train.ema_decay=0.9", "--set", "train.accumulate_steps=2",
+                                    "--set", "data.mixup_alpha=0.2", "--set", "data.cutmix_alpha=1.0"],
+    "randaugment-erasing": ["--set", "data.auto_augment=randaugment", "--set", "data.random_erasing=0.5"],
+}
+
+
+@pytest.mark.parametrize("features", FEATURES.values(), ids=FEATURES.keys())
+def test_resume_is_bit_exact_with_training_features(tmp_path, fast, features):
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert gtrain("fit", *fast, *features, "--out", reference).returncode == 0
+    stopped = gtrain("fit", *fast, *features, "--out", run, fault="signal-at-step:3:SIGTERM")
+    assert stopped.returncode == 143, stopped.stderr
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    resumed = gtrain("fit", "--resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert_same_weights(load_file(run / "final.safetensors"), load_file(reference / "final.safetensors"))
+    if (reference / "final_ema.safetensors").exists():
+        assert_same_weights(load_file(run / "final_ema.safetensors"), load_file(reference / "final_ema.safetensors"))
 
 
 def test_kill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path, fast, uninterrupted):
@@ -152,6 +175,8 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, fast):
     assert result.returncode == 2, result.stderr
     assert "the training loss became NaN or infinite at step" in result.stderr
     assert "optim.clip_grad_norm" in result.stderr
+    status = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert status["status"] == "failed" and "NaN or infinite" in status["error"]
 
 
 def test_unwritable_output_folder_is_one_line(tmp_path, fast):

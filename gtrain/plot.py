@@ -1,0 +1,99 @@
+"""`gtrain plot`: a run's curves per epoch, or several runs' side by side, as one PNG.
+
+Three panels: loss (train solid, validation dashed), validation top-1 in percent, and the
+learning rate at the end of each epoch. Each run has one colour, labelled by its folder.
+matplotlib is an optional extra (`pip install 'gtrain[plot]'`), imported only here, and
+drawn with the Agg canvas so that no display and no pyplot state are involved.
+"""
+
+import io
+from pathlib import Path
+from typing import Any
+
+from gtrain.errors import UserError
+from gtrain.runs import read_metrics
+
+MISSING_MATPLOTLIB = "gtrain plot needs matplotlib: pip install 'gtrain[plot]'"
+
+
+def plot_runs(run_dirs: list[Path], out: Path | None = None) -> Path:
+    """Write the PNG for `run_dirs` to `out` (default: see `default_out`); returns its path."""
+    run_dirs = [Path(d) for d in run_dirs]
+    curves = {label: load_curves(d) for label, d in zip(run_labels(run_dirs), run_dirs)}
+    figure = metrics_figure(curves)
+    out = Path(out) if out is not None else default_out(run_dirs)
+    save_png(figure, out)
+    return out
+
+
+def default_out(run_dirs: list[Path]) -> Path:
+    """Inside the run folder for one run; in the current folder for a comparison."""
+    return run_dirs[0] / "metrics.png" if len(run_dirs) == 1 else Path("runs-comparison.png")
+
+
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Folder names, or the paths as given when two runs share a name (a/run, b/run)."""
+    names = [d.resolve().name for d in run_dirs]
+    return names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
+
+
+def load_curves(run_dir: Path) -> list[dict[str, Any]]:
+    """The finished epochs of a run, in order; unreadable lines are left out."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{run_dir} has no metrics.jsonl: give a run folder written by gtrain fit")
+    rows, _ = read_metrics(metrics)
+    if not rows:
+        raise UserError(f"{run_dir} has no finished epoch in metrics.jsonl yet: nothing to plot")
+    return sorted(rows, key=lambda row: row["epoch"])
+
+
+def metrics_figure(curves: dict[str, list[dict[str, Any]]]):
+    """A matplotlib Figure with the loss, top-1 and lr panels for each labelled run."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise UserError(MISSING_MATPLOTLIB) from None
+
+    figure = Figure(figsize=(15, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)  # draws without a display, whatever backend pyplot may be using
+    loss_ax, top1_ax, lr_ax = figure.subplots(1, 3, sharex=True)
+    for index, (label, rows) in enumerate(curves.items()):
+        colour = f"C{index % 10}"
+        loss_ax.plot(*_series(rows, "train_loss"), color=colour, linestyle="-")
+        loss_ax.plot(*_series(rows, "val_loss"), color=colour, linestyle="--")
+        top1_ax.plot(*_series(rows, "val_top1", scale=100), color=colour, marker=".", label=label)
+        lr_ax.plot(*_series(rows, "lr"), color=colour)
+
+    loss_ax.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
+    loss_ax.legend(
+        handles=[Line2D([], [], color="k", linestyle="-"), Line2D([], [], color="k", linestyle="--")],
+        labels=["train", "val"],
+    )
+    top1_ax.set(title="validation top-1", xlabel="epoch", ylabel="top-1 (%)")
+    if len(curves) > 1:
+        top1_ax.legend(loc="lower right")
+    lr_ax.set(title="learning rate (end of epoch)", xlabel="epoch", ylabel="lr")
+    for ax in (loss_ax, top1_ax, lr_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+        ax.grid(alpha=0.3)
+    figure.suptitle(next(iter(curves)) if len(curves) == 1 else f"{len(curves)} runs")
+    return figure
+
+
+def save_png(figure, out: Path) -> None:
+    from gtrain.checkpoint import write_atomic  # the one atomic writer; it brings torch, so only now
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    write_atomic(out, buffer.getvalue())
+
+
+def _series(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
+    """(epochs, values) for the rows that hold a number under `key`."""
+    kept = [row for row in rows if isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)]
+    return [row["epoch"] for row in kept], [row[key] * scale for row in kept]
+

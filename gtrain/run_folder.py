@@ -1,0 +1,143 @@
+"""What a run folder holds, and the records `gtrain fit` keeps in it as it goes.
+
+    RUN/recipe.toml                 the resolved recipe
+    RUN/run.json                    status (running, finished, interrupted, failed) and totals
+    RUN/metrics.jsonl               one line per finished epoch
+    RUN/checkpoints/last.pt         the training state a resume continues from
+    RUN/best.safetensors            weights of the best validation top-1 so far
+    RUN/final.safetensors           weights after the last epoch
+    RUN/best_ema.safetensors,
+    RUN/final_ema.safetensors       the same for the weight average, with train.ema_decay
+    RUN/tensorboard/                event files, with log.tensorboard
+
+Only the main process writes, and every file is replaced atomically.
+"""
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gtrain.checkpoint import write_text_atomic
+from gtrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.toml"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.safetensors"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final.safetensors"
+
+    @property
+    def best_ema(self) -> Path:
+        return self.root / "best_ema.safetensors"
+
+    @property
+    def final_ema(self) -> Path:
+        return self.root / "final_ema.safetensors"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+
+class RunStatus:
+    """run.json: what `gtrain runs` shows. Rewritten at the start, after every epoch and
+    at the end; `pid` and `host` let a reader tell a live run from a killed one."""
+
+    def __init__(self, paths: RunFolder, facts: dict[str, Any], *, enabled: bool = True):
+        self.paths = paths
+        self.enabled = enabled  # under torchrun, only the main process writes
+        self.record = {
+            "status": "running",
+            **facts,
+            "epochs_done": 0,
+            "best_top1": None,
+            "best_epoch": None,
+            "elapsed_s": 0.0,
+            "started": _now(),
+            "updated": _now(),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "error": None,
+            "stopped_early": False,
+        }
+        if enabled and paths.status.is_file():  # a resumed run keeps its first start and its recipe name
+            try:
+                previous = json.loads(paths.status.read_text())
+            except (OSError, ValueError):
+                previous = {}
+            self.record["started"] = previous.get("started", self.record["started"])
+            self.record["recipe"] = facts.get("recipe") or previous.get("recipe", "")
+
+    def update(self, **changes: Any) -> None:
+        if not self.enabled:
+            return
+        self.record.update(changes, updated=_now())
+        write_text_atomic(self.paths.status, json.dumps(self.record, indent=2) + "\n")
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+class MetricsLog:
+    """metrics.jsonl, always; TensorBoard scalars as well with `tensorboard`."""
+
+    def __init__(self, paths: RunFolder, *, tensorboard: bool):
+        self.paths = paths
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError(
+                    "log.tensorboard = true needs the tensorboard package: pip install 'gtrain[tensorboard]', "
+                    "or set log.tensorboard = false"
+                ) from None
+            self.writer = SummaryWriter(log_dir=str(paths.tensorboard))
+
+    def write(self, history: list[dict[str, Any]]) -> None:
+        """Rewrite metrics.jsonl with every finished epoch; send the newest to TensorBoard."""
+        write_text_atomic(self.paths.metrics, "".join(json.dumps(row) + "\n" for row in history))
+        if self.writer is not None and history:
+            row = history[-1]
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, int | float):
+                    self.writer.add_scalar(_tensorboard_tag(key), value, global_step=row["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_tag(key: str) -> str:
+    """val_top1 -> val/top1, so TensorBoard groups the charts by split."""
+    split, _, name = key.partition("_")
+    return f"{split}/{name}" if split in ("train", "val") and name else key
