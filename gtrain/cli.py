@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gtrain.errors import UserError
@@ -33,7 +34,8 @@ SetOption = Annotated[
 
 
 def fail(error: UserError) -> typer.Exit:
-    error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    # Escaped: a message may hold brackets ('gtrain[plot]', a list of keys) that rich would take for markup.
+    error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(UserError.exit_code)
 
 
@@ -79,7 +81,10 @@ def fit(
                 raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --out")
         world = distributed.init(runtime.resolve_device(device or loaded.train.device))
         run_dir = distributed.broadcast_object(run_dir, world)  # one timestamp for all processes
-        run_fit(loaded, run_dir, reporter=reporter, device=device, resume=resume is not None, world=world)
+        run_fit(
+            loaded, run_dir, reporter=reporter, device=device, resume=resume is not None, world=world,
+            recipe_name="" if resume is not None else name,
+        )  # fmt: skip
     except UserError as error:
         reporter.close()
         raise (fail(error) if world.is_main else typer.Exit(UserError.exit_code)) from None
@@ -125,12 +130,25 @@ def eval_(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
+    tta: Annotated[
+        str, typer.Option(help="Test-time augmentation: none, or flip (mean probability of the image and its mirror).")
+    ] = "none",
+    plot: Annotated[
+        Optional[Path], typer.Option(help="Also write the confusion matrix as a PNG here (needs matplotlib).")
+    ] = None,
+    worst: Annotated[int, typer.Option(min=1, help="Classes to list in the worst-classes table.")] = 5,
 ) -> None:
-    """Evaluate saved weights on a dataset split: top-1, top-5, loss, per-class accuracy."""
-    from gtrain.evaluate import run_eval
+    """Evaluate saved weights on a dataset split: top-1, top-5, loss, per-class precision and
+    recall, the worst classes and the confusion matrix."""
+    from rich.text import Text
+
+    from gtrain.evaluate import report_tables, run_eval
 
     try:
-        report = run_eval(path, split=split, overrides=overrides or [], batch_size=batch_size, device=device)
+        report = run_eval(
+            path, split=split, overrides=overrides or [], batch_size=batch_size, device=device, tta=tta, plot=plot,
+            worst=worst,
+        )  # fmt: skip
     except UserError as error:
         raise fail(error) from None
     if as_json:
@@ -139,16 +157,19 @@ def eval_(
     console.print(
         f"{report['model']} on {report['dataset']} ({report['split']}, {report['images']:,} images): "
         f"top-1 {report['top1']:.2%}  top-5 {report['top5']:.2%}  loss {report['loss']:.4f}  "
-        f"{report['images_per_s']:,.0f} img/s",
+        f"{report['images_per_s']:,.0f} img/s" + (f"  tta {report['tta']}" if report["tta"] else ""),
         highlight=False,
+        markup=False,
     )
-    table = Table(title="per-class accuracy")
-    table.add_column("class")
-    table.add_column("images", justify="right")
-    table.add_column("top-1", justify="right")
-    for row in report["per_class"]:
-        table.add_row(row["class"], str(row["images"]), "-" if row["top1"] is None else f"{row['top1']:.2%}")
-    console.print(table)
+    for block in report_tables(report):
+        table = Table(title=block.title)
+        for i, column in enumerate(block.columns):
+            table.add_column(column, justify="left" if i < block.name_columns else "right")
+        for row in block.rows:
+            table.add_row(*(Text(cell) for cell in row))  # Text: a class named "[red]" is not markup
+        console.print(table)
+    if report["plot"]:
+        console.print(f"confusion matrix plot: {report['plot']}", highlight=False, markup=False)
 
 
 @app.command()
@@ -216,6 +237,96 @@ def bench(
     for label, value in format_rows(result):
         table.add_row(label, value)
     console.print(table)
+
+
+@app.command()
+def runs(
+    folder: Annotated[Path, typer.Argument(help="Folder to search, 3 levels deep, or one run folder.")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of objects.")] = False,
+) -> None:
+    """List the runs in a folder, oldest first: recipe, model, epochs, best top-1, time, status.
+
+    A run still marked running whose process is gone on this machine shows as failed (killed).
+    Facts a corrupt or missing file hides show as "?".
+    """
+    from gtrain.runs import format_row, list_runs
+
+    try:
+        found = list_runs(folder)
+    except UserError as error:
+        raise fail(error) from None
+    if as_json:
+        sys.stdout.write(json.dumps([run.to_json() for run in found]) + "\n")
+        return
+    if not found:
+        console.print(f"no runs in {folder} (gtrain fit writes them to runs/)", highlight=False)
+        return
+    rows = [format_row(run) for run in found]
+    columns = [column for column in rows[0] if any(row[column] for row in rows)]  # no empty note column
+    table = Table(title=f"runs in {folder}")
+    for column in columns:
+        justify = "right" if column in ("epochs", "best top-1", "time") else "left"
+        # In a narrow terminal a run's name folds and its status stays whole, rather than either losing its end.
+        table.add_column(column, justify=justify, overflow="fold" if column == "run" else "ellipsis", no_wrap=column == "status")
+    for row in rows:
+        table.add_row(*(row[column] for column in columns))
+    console.print(table, highlight=False)
+
+
+@app.command()
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run folders written by gtrain fit.")],
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="PNG to write (default: RUN_DIR/metrics.png for one run, ./runs-comparison.png for several)."),
+    ] = None,
+) -> None:
+    """Plot loss, validation top-1 and learning rate per epoch into one PNG; one colour per run."""
+    from gtrain.plot import plot_runs
+
+    try:
+        written = plot_runs(run_dirs, out)
+    except UserError as error:
+        raise fail(error) from None
+    console.print(f"wrote {written}", highlight=False)
+
+
+@app.command()
+def export(
+    path: Annotated[Path, typer.Argument(help="A run folder or a .safetensors file written by gtrain fit.")],
+    export_format: Annotated[
+        str, typer.Option("--format", help="onnx, exported-program (.pt2, torch.export) or torchscript.")
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option(help="File or folder to write (default: next to the weights, e.g. best.onnx).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images in the check batch; a batch of one more is checked too.")
+    ] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
+) -> None:
+    """Export saved weights for inference, for any batch size, after checking the file's logits
+    against PyTorch's; a file that fails the check is not written."""
+    from gtrain.export import export_model
+
+    try:
+        result = export_model(path, export_format=export_format, out=out, batch_size=batch_size)
+    except UserError as error:
+        raise fail(error) from None
+    if as_json:
+        sys.stdout.write(result.to_json() + "\n")
+        return
+    if result.checked:
+        sizes = " and ".join(map(str, result.check_batch_sizes))
+        check = f"max abs diff {result.max_abs_diff:.2g} at batch {sizes} (tolerance {result.tolerance:.2g}): checked"
+    else:
+        check = "not checked"
+    size = f"{result.size_bytes / 1e6:.1f} MB"
+    console.print(
+        f"{result.format}: {result.path} ({size}, {result.image_size} px), {check}", highlight=False, markup=False, soft_wrap=True
+    )
+    if result.note:
+        console.print(result.note, highlight=False, markup=False)
 
 
 def main() -> None:

@@ -82,6 +82,9 @@ def _split(*same: str, **renamed: str) -> dict[str, dict[str, Any]]:
     return {ours: {"split": theirs} for ours, theirs in names.items()}
 
 
+# torchvision's FakeData draws image i from seed i + random_offset: distinct offsets, distinct splits.
+FAKE_SPLITS = {"train": {"size": 2560, "random_offset": 0}, "test": {"size": 512, "random_offset": 1_000_000}}
+
 # fmt: off
 DATASETS: dict[str, DatasetSpec] = {
     #                            splits                             classes size  stats     gray   style       flip
@@ -106,6 +109,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "StanfordCars":  DatasetSpec(_split("train", "test"),               196, 224, IMAGENET, False, "imagenet", True),
     "Country211":    DatasetSpec(_split("train", "test", val="valid"),  211, 224, IMAGENET, False, "imagenet", True),
     "Imagenette":    DatasetSpec(_split("train", "val"),                 10, 224, IMAGENET, False, "imagenet", True),
+    # Random images made on the fly (the same ones every time): for smoke tests and measuring
+    # throughput through the DataLoader path without a dataset on disk.
+    "FakeData":      DatasetSpec(FAKE_SPLITS,                            10, 224, IMAGENET, False, "imagenet", True),
 }
 # fmt: on
 
@@ -413,6 +419,8 @@ def _load(name: str, split_kwargs: dict[str, Any], *, root: Path, download: bool
     """Construct a table dataset; missing data becomes one line that says how to get it."""
     if name == "digits":  # ships with scikit-learn: nothing to download
         return Digits(root, transform=transform, **split_kwargs)
+    if name == "FakeData":  # generated: no root, nothing to download
+        return torchvision.datasets.FakeData(num_classes=DATASETS[name].num_classes, transform=transform, **split_kwargs)
     constructor = getattr(torchvision.datasets, name)
     try:
         return constructor(root, transform=transform, download=download, **split_kwargs)

@@ -1,9 +1,14 @@
-"""Evaluation: loss, top-1, top-5 and per-class accuracy over a whole split.
+"""Evaluation: loss, top-1, top-5 and the confusion matrix over a whole split, and the
+report `gtrain eval` builds from them (per-class precision and recall, worst classes,
+a confusion-matrix plot).
 
-Used after every training epoch and by `gtrain eval`; needs no training state and no
-process group.
+`evaluate` is used after every training epoch and by `gtrain eval`; it needs no training
+state and no process group.
 """
 
+import io
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +20,18 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from gtrain import runtime
-from gtrain.checkpoint import WeightsMeta, load_into, read_weights
+from gtrain.checkpoint import WeightsMeta, load_into, read_weights, write_atomic
 from gtrain.distributed import World, all_reduce_sum
 from gtrain.errors import UserError
+
+# Test-time augmentation: "flip" also scores the horizontal mirror image.
+TTA_MODES = ("none", "flip")
+# Beyond this many classes a printed matrix no longer fits a terminal: list the most-confused pairs.
+MAX_PRINTED_MATRIX_CLASSES = 20
+# Beyond this many classes the plot's tick labels overlap: leave the axes unlabelled.
+MAX_PLOT_LABELS = 30
+# Up to this many classes each non-empty cell of the plot also shows its percentage.
+MAX_ANNOTATED_CLASSES = 12
 
 
 @dataclass
@@ -29,16 +43,79 @@ class EvalResult:
     seconds: float
     class_correct: list[int]
     class_total: list[int]
+    confusion: list[list[int]]  # confusion[t][p]: images of true class t predicted (top-1) as class p
 
     @property
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
 
     def per_class(self, class_names: tuple[str, ...]) -> list[dict[str, Any]]:
+        """One row per class; top1 is the class's recall. A ratio with nothing to count is None."""
+        predicted = [sum(column) for column in zip(*self.confusion)]
         return [
-            {"class": name, "images": total, "top1": correct / total if total else None}
-            for name, correct, total in zip(class_names, self.class_correct, self.class_total)
+            {
+                "class": name,
+                "images": total,
+                "top1": _ratio(correct, total),
+                "precision": _ratio(correct, predicted[k]),
+                "recall": _ratio(correct, total),
+                # 2TP / (2TP + FP + FN), with 2TP + FP + FN = images + predicted: the harmonic mean of
+                # precision and recall, and 0 rather than undefined for a class never predicted.
+                "f1": _ratio(2 * correct, total + predicted[k]),
+            }
+            for k, (name, correct, total) in enumerate(zip(class_names, self.class_correct, self.class_total))
         ]
+
+    def worst_classes(self, class_names: tuple[str, ...], k: int = 5) -> list[dict[str, Any]]:
+        """The k classes with the lowest recall (classes without a mistake are never listed),
+        each with the class its images are most often predicted as."""
+        rows = []
+        for t, (name, row) in enumerate(zip(class_names, self.confusion)):
+            # max keeps the first of equal counts: the lower class index wins a tie.
+            mistaken_for = max((p for p in range(len(row)) if p != t), key=row.__getitem__, default=None)
+            if mistaken_for is None or row[mistaken_for] == 0:
+                continue  # not one mistake
+            rows.append({
+                "class": name,
+                "images": sum(row),
+                "recall": row[t] / sum(row),
+                "mistaken_for": class_names[mistaken_for],
+                "mistaken_images": row[mistaken_for],
+            })  # fmt: skip
+        return sorted(rows, key=lambda r: r["recall"])[:k]  # a stable sort: equal recalls stay in class order
+
+    def most_confused(self, class_names: tuple[str, ...], n: int = 10) -> list[dict[str, Any]]:
+        """The n largest off-diagonal cells: which true class is most often predicted as which."""
+        pairs = [
+            {"true": class_names[t], "predicted": class_names[p], "images": count}
+            for t, row in enumerate(self.confusion)
+            for p, count in enumerate(row)
+            if p != t and count
+        ]
+        return sorted(pairs, key=lambda pair: -pair["images"])[:n]
+
+
+def _ratio(count: int, of: int) -> float | None:
+    return count / of if of else None
+
+
+def class_scores(
+    model: nn.Module, inputs: torch.Tensor, *, tta: str, device: torch.device, precision: str
+) -> torch.Tensor:
+    """(N, classes) float32 scores whose softmax is the prediction: the logits, or under flip TTA
+    the log of the mean probability over the image and its mirror image.
+
+    Probabilities, not logits, are averaged: the result is the mean of the two predictive
+    distributions, so the reported loss is the cross-entropy of what is predicted, and one view
+    with large logits cannot outvote the other the way it would in a logit average.
+    """
+    views = [inputs, inputs.flip(-1)] if tta == "flip" else [inputs]  # flip(-1): W of (N, C, H, W)
+    with runtime.autocast(device, precision):
+        logits = [model(view) for view in views]
+    if len(logits) == 1:
+        return logits[0].float()
+    log_probs = torch.stack([view.float().log_softmax(dim=1) for view in logits])  # (views, N, classes)
+    return log_probs.logsumexp(dim=0) - math.log(len(views))
 
 
 @torch.no_grad()
@@ -51,46 +128,49 @@ def evaluate(
     precision: str,
     channels_last: bool = False,
     world: World = World(),
+    tta: str = "none",
 ) -> EvalResult:
-    """Under torch.distributed each process evaluates its shard and the sums are reduced."""
+    """Under torch.distributed each process evaluates its shard and the sums are reduced.
+    `tta`: "none", or "flip" to also score each image's mirror image (see `class_scores`)."""
+    check_tta(tta)
     model.eval()
     start = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct1 = torch.zeros((), dtype=torch.int64, device=device)
     correct5 = torch.zeros((), dtype=torch.int64, device=device)
-    class_correct = torch.zeros(num_classes, dtype=torch.int64, device=device)
-    class_total = torch.zeros(num_classes, dtype=torch.int64, device=device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)  # flattened (true, predicted)
     images = 0
     k = min(5, num_classes)
     for inputs, targets in loader:
         inputs, targets = runtime.to_device(inputs, targets, device, channels_last)
-        with runtime.autocast(device, precision):
-            logits = model(inputs)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum")
-        topk = logits.topk(k, dim=1).indices  # (N, k)
-        hits = topk == targets[:, None]
-        correct1 += hits[:, 0].sum()
-        correct5 += hits.any(dim=1).sum()
-        class_total += torch.bincount(targets, minlength=num_classes)
-        class_correct += torch.bincount(targets[hits[:, 0]], minlength=num_classes)
+        scores = class_scores(model, inputs, tta=tta, device=device, precision=precision)
+        loss_sum += F.cross_entropy(scores, targets, reduction="sum")
+        topk = scores.topk(k, dim=1).indices  # (N, k)
+        correct5 += (topk == targets[:, None]).any(dim=1).sum()
+        confusion += torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
         images += targets.numel()
-    # One reduction for everything; float64 holds these counts exactly.
-    counts = [correct1[None], correct5[None], torch.tensor([images], device=device), class_correct, class_total]
+    # One reduction for everything; float64 holds these counts exactly (up to 2**53).
+    counts = [correct5[None], torch.tensor([images], device=device), confusion]
     sums = all_reduce_sum(torch.cat([loss_sum[None], *(c.double() for c in counts)]), world)
-    loss_sum, correct1, correct5, images = sums[0], sums[1], sums[2], int(sums[3].item())
-    class_correct, class_total = sums[4 : 4 + num_classes].long(), sums[4 + num_classes :].long()
+    loss_sum, correct5, images = sums[0], sums[1], int(sums[2].item())
+    confusion = sums[3:].long().view(num_classes, num_classes)  # (true, predicted)
     if images == 0:
         raise UserError("the evaluation split has no images")
+    class_correct = confusion.diagonal()
     return EvalResult(
         loss=loss_sum.item() / images,
-        top1=correct1.item() / images,
+        top1=class_correct.sum().item() / images,
         top5=correct5.item() / images,
         images=images,
         seconds=time.perf_counter() - start,
         class_correct=class_correct.tolist(),
-        class_total=class_total.tolist(),
+        class_total=confusion.sum(dim=1).tolist(),
+        confusion=confusion.tolist(),
     )
+
+
+def check_tta(tta: str) -> None:
+    if tta not in TTA_MODES:
+        raise UserError(f"--tta {tta!r} is not a test-time augmentation: valid: {', '.join(TTA_MODES)}")
 
 
 def load_model_for_eval(path: Path) -> tuple[nn.Module, WeightsMeta, Path]:
@@ -113,13 +193,30 @@ def load_model_for_eval(path: Path) -> tuple[nn.Module, WeightsMeta, Path]:
     return model, meta, weights
 
 
-def run_eval(path: Path, *, split: str, overrides: list[str], batch_size: int, device: str) -> dict[str, Any]:
-    """`gtrain eval`: weights + the dataset they were trained on (or `--set data.*`) -> report."""
+def run_eval(
+    path: Path,
+    *,
+    split: str,
+    overrides: list[str],
+    batch_size: int,
+    device: str,
+    tta: str = "none",
+    plot: Path | None = None,
+    worst: int = 5,
+) -> dict[str, Any]:
+    """`gtrain eval`: weights + the dataset they were trained on (or `--set data.*`) -> report.
+
+    `plot`: also write the confusion matrix there as a PNG; `worst`: how many classes to list
+    as the worst.
+    """
     from gtrain.data import build_eval_data
     from gtrain.loaders import make_eval_loader
     from gtrain.recipe import apply_overrides, parse_toml, validate_recipe
 
-    path = Path(path)
+    path, plot = Path(path), None if plot is None else Path(plot)
+    check_tta(tta)
+    if plot is not None:
+        check_plot_path(plot)  # before the evaluation, which can take long, not after it
     bad = [o for o in overrides if not o.strip().startswith("data.")]
     if bad:
         raise UserError(f"--set {bad[0]!r}: eval only takes data.* overrides (data.root, data.dataset, ...)")
@@ -141,20 +238,138 @@ def run_eval(path: Path, *, split: str, overrides: list[str], batch_size: int, d
             f"{info.name} has {info.num_classes} classes and {info.in_chans} channels, but {weights} was trained "
             f"for {meta.num_classes} classes and {meta.in_chans} channels: evaluate on the dataset it was trained on"
         )
+    if tta == "flip":
+        check_flip_keeps_the_class(info.name)
     device_ = runtime.resolve_device(device)
     precision = runtime.resolve_precision("auto", device_)
     model.to(device_)
     loader = make_eval_loader(dataset, batch_size=batch_size, workers=data.workers, pin_memory=device_.type == "cuda")
-    result = evaluate(model, loader, num_classes=meta.num_classes, device=device_, precision=precision)
-    return {
+    result = evaluate(model, loader, num_classes=meta.num_classes, device=device_, precision=precision, tta=tta)
+    report = {
         "model": meta.model,
         "weights": str(weights),
         "dataset": info.name,
         "split": split,
+        "tta": None if tta == "none" else tta,
         "top1": result.top1,
         "top5": result.top5,
         "loss": result.loss,
         "images": result.images,
         "images_per_s": result.images_per_s,
         "per_class": result.per_class(meta.class_names),
+        "worst_classes": result.worst_classes(meta.class_names, worst),
+        "most_confused": result.most_confused(meta.class_names),
+        "confusion_matrix": result.confusion,
+        "plot": None if plot is None else str(plot),
     }
+    if plot is not None:
+        title = f"{meta.model} on {info.name} ({split}): top-1 {result.top1:.1%}"
+        write_confusion_plot(plot, result.confusion, meta.class_names, title=title)
+    return report
+
+
+def check_flip_keeps_the_class(dataset: str) -> None:
+    from gtrain.data import DATASETS, IMAGE_FOLDER_SPEC
+
+    # The dataset table says where training flips images; "ImageFolder" is the one name not in it.
+    if not DATASETS.get(dataset, IMAGE_FOLDER_SPEC).flip:
+        raise UserError(
+            f"--tta flip: {dataset} is trained without horizontal flips because a mirrored image can be "
+            "another class (a mirrored digit or sign); use --tta none"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The report for a human: tables as strings (the CLI lays them out) and a confusion-matrix plot
+
+
+@dataclass(frozen=True)
+class TextTable:
+    title: str
+    columns: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+    name_columns: int = 1  # the first columns hold names, the others numbers
+
+
+def report_tables(report: dict[str, Any]) -> list[TextTable]:
+    """The tables under the summary line of `gtrain eval`, from its JSON report."""
+    tables = [per_class_table(report)]
+    if report["worst_classes"]:
+        tables.append(worst_classes_table(report))
+    tables.append(confusion_table(report))
+    return tables
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.2%}"
+
+
+def per_class_table(report: dict[str, Any]) -> TextTable:
+    rows = [
+        (row["class"], str(row["images"]), _percent(row["precision"]), _percent(row["recall"]), _percent(row["f1"]))
+        for row in report["per_class"]
+    ]
+    return TextTable("per-class accuracy", ("class", "images", "precision", "recall (top-1)", "F1"), rows)
+
+
+def worst_classes_table(report: dict[str, Any]) -> TextTable:
+    rows = [
+        (row["class"], row["mistaken_for"], str(row["images"]), _percent(row["recall"]), str(row["mistaken_images"]))
+        for row in report["worst_classes"]
+    ]
+    columns = ("class", "mistaken most for", "images", "recall", "mistaken")
+    return TextTable("worst classes (lowest recall)", columns, rows, name_columns=2)
+
+
+def confusion_table(report: dict[str, Any]) -> TextTable:
+    names = [row["class"] for row in report["per_class"]]
+    if len(names) > MAX_PRINTED_MATRIX_CLASSES:
+        rows = [(pair["true"], pair["predicted"], str(pair["images"])) for pair in report["most_confused"]]
+        return TextTable(f"most confused of {len(names)} classes", ("true class", "predicted", "images"), rows, 2)
+    # Columns are numbered, not named, so that a matrix of up to 20 classes fits a terminal.
+    rows = [(f"{t} {name}", *map(str, counts)) for t, (name, counts) in enumerate(zip(names, report["confusion_matrix"]))]
+    columns = ("true \\ predicted", *map(str, range(len(names))))
+    return TextTable("confusion matrix (rows: true class, columns: predicted)", columns, rows)
+
+
+def check_plot_path(path: Path) -> None:
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--plot {path}: the plot is a PNG image: give a path that ends in .png")
+    try:
+        import matplotlib  # noqa: F401  (an optional extra)
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'gtrain[plot]'") from None
+    # write_atomic creates missing folders: the nearest one that exists must take a new file.
+    folder = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UserError(f"--plot {path}: cannot write in {folder}: choose a writable folder")
+
+
+def write_confusion_plot(path: Path, confusion: list[list[int]], class_names: tuple[str, ...], *, title: str) -> None:
+    """The confusion matrix as a PNG, each row divided by its class's images, so the diagonal
+    reads as per-class recall whatever the class sizes."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(confusion, dtype=np.float64)
+    normalized = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)  # a class with no images: a zero row
+    n = len(class_names)
+    side_inches = min(4 + 0.3 * n, 20)
+    # A Figure on the Agg canvas, not pyplot: no GUI backend, and no global state for a caller to inherit.
+    figure = Figure(figsize=(side_inches + 1.5, side_inches), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(normalized, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    figure.colorbar(image, ax=axes, label="fraction of the true class")
+    axes.set(xlabel="predicted class", ylabel="true class", title=title)
+    if n <= MAX_PLOT_LABELS:
+        axes.set_xticks(range(n), class_names, rotation=90)
+        axes.set_yticks(range(n), class_names)
+    if n <= MAX_ANNOTATED_CLASSES:
+        for t, p in zip(*normalized.nonzero()):
+            shade = "white" if normalized[t, p] > 0.5 else "black"
+            axes.text(p, t, f"{normalized[t, p]:.0%}", ha="center", va="center", color=shade, fontsize=8)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_atomic(path, buffer.getvalue())

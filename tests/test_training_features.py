@@ -192,3 +192,22 @@ def test_a_missing_pretrained_file_is_one_line(tmp_path, tiny):
     result = invoke("fit", *tiny, "--set", f"model.pretrained={tmp_path / 'nope.pth'}", "--out", tmp_path / "r")
     assert result.exit_code == 2
     assert "nope.pth" in result.output and "Traceback" not in result.output
+
+
+def test_compile_trains_through_torch_compile_and_saves_plain_weights(tmp_path, tiny, monkeypatch):
+    # Dynamo's "eager" backend traces the model as torch.compile does but skips code
+    # generation, which takes minutes on CPU; the wiring is what is tested here.
+    compiled = []
+    original = torch.compile
+
+    def compile_eagerly(module, **kwargs):
+        compiled.append(type(module).__name__)
+        return original(module, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    run = tmp_path / "run"
+    output = fit(*tiny, "--set", "train.compile=true", "--out", run)
+    assert "compiled" in output and compiled == ["HorNet", "HorNet"]  # the training and the evaluation module
+    weights = load_file(run / "final.safetensors")
+    assert not any(key.startswith("_orig_mod.") for key in weights)
+    assert invoke("eval", run, "--json").exit_code == 0
