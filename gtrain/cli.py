@@ -173,10 +173,17 @@ def eval_(
 
 
 @app.command()
-def recipes() -> None:
-    """List the bundled recipes with their descriptions."""
-    from gtrain.recipe import bundled_recipes, parse_toml
+def recipes(
+    reference: Annotated[
+        bool, typer.Option("--reference", help="Print every recipe key (type, default, meaning) as Markdown instead.")
+    ] = False,
+) -> None:
+    """List the bundled recipes with their descriptions; with --reference, every recipe key instead."""
+    from gtrain.recipe import bundled_recipes, parse_toml, recipe_reference
 
+    if reference:
+        sys.stdout.write(recipe_reference())  # plain Markdown, no rich markup: for docs and pipes
+        return
     table = Table(title="bundled recipes (gtrain fit NAME)")
     table.add_column("name", style="bold")
     table.add_column("description")

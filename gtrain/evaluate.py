@@ -242,9 +242,15 @@ def run_eval(
         check_flip_keeps_the_class(info.name)
     device_ = runtime.resolve_device(device)
     precision = runtime.resolve_precision("auto", device_)
+    channels_last = runtime.resolve_channels_last("auto", device_)  # as in training, so the numbers agree
     model.to(device_)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     loader = make_eval_loader(dataset, batch_size=batch_size, workers=data.workers, pin_memory=device_.type == "cuda")
-    result = evaluate(model, loader, num_classes=meta.num_classes, device=device_, precision=precision, tta=tta)
+    result = evaluate(
+        model, loader, num_classes=meta.num_classes, device=device_, precision=precision, channels_last=channels_last,
+        tta=tta,
+    )  # fmt: skip
     report = {
         "model": meta.model,
         "weights": str(weights),

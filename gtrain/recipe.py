@@ -8,6 +8,8 @@ the bad value and what is allowed.
 import dataclasses
 import difflib
 import tomllib
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -23,27 +25,39 @@ class Section(BaseModel):
 
 
 class ModelSection(BaseModel):
+    """The network: a model from `gtrain models`, optionally fine-tuned from a checkpoint."""
+
     # Extra keys are the variant's own settings (drop_path_rate, zero_init_last_bn, ...);
     # they are checked against the chosen model's config in `model_overrides`.
     model_config = ConfigDict(extra="allow")
 
-    name: str = "resnext29_4x16d"
+    name: str = Field("resnext29_4x16d", description="a model name from `gtrain models`")
     pretrained: str | None = Field(
         None,
-        description="fine-tune from a local .pth/.safetensors (torchvision ResNeXt, official HorNet, gtrain); "
-        "a head of another class count is re-initialized",
+        description="path of a local .pth/.pt/.bin/.safetensors checkpoint to fine-tune from (torchvision ResNeXt, "
+        "the official HorNet release, gtrain); a classifier for another class count is re-initialized",
     )
 
 
 class DataSection(Section):
-    dataset: str = "digits"
-    root: str = "data"
-    download: bool = False
-    batch_size: int = Field(128, ge=1, description="global batch: images per optimizer step")
+    """Where the images come from, how they are batched and how they are augmented."""
+
+    dataset: str = Field(
+        "digits", description='a torchvision dataset in the table of gtrain/data.py (CIFAR10, ...), "ImageFolder" or "digits"'
+    )
+    root: str = Field("data", description="folder holding the dataset; for ImageFolder: train/, val/ and optionally test/")
+    download: bool = Field(False, description="download a torchvision dataset into root when it is missing")
+    batch_size: int = Field(
+        128, ge=1, description="global batch: images per optimizer step, over all processes and micro-batches"
+    )
     image_size: int | None = Field(None, ge=4, description="side in pixels; unset: the dataset's default")
-    augment: bool = Field(True, description="the dataset's default train augmentation")
-    val_split: str = Field("test", description="split used for validation after each epoch")
-    workers: int = Field(2, ge=0, description="DataLoader worker processes")
+    augment: bool = Field(
+        True, description="train with the dataset's own augmentation (random crop; flip where a mirror keeps the class)"
+    )
+    val_split: str = Field(
+        "test", description='split evaluated after each epoch; "test" falls back to "val" where there is no test split'
+    )
+    workers: int = Field(2, ge=0, description="DataLoader worker processes (none for data held in memory)")
     in_memory: Literal["auto", "on", "off"] = Field(
         "auto",
         description="auto: small fixed-size datasets (CIFAR, MNIST, digits, ...) live on the device as uint8, "
@@ -54,40 +68,65 @@ class DataSection(Section):
     )
     random_erasing: float = Field(0.0, ge=0, le=1, description="probability of erasing a random rectangle per image")
     mixup_alpha: float = Field(0.0, ge=0, description="Beta(alpha, alpha) MixUp of image pairs in a batch; 0: off")
-    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix of image pairs in a batch; 0: off; both set: one per batch")
+    cutmix_alpha: float = Field(
+        0.0, ge=0, description="Beta(alpha, alpha) CutMix of image pairs in a batch; 0: off; with mixup_alpha, one of the two per batch"
+    )
 
 
 class OptimSection(Section):
-    name: Literal["sgd", "adamw"] = "sgd"
+    """The optimizer and the learning-rate schedule, stepped every iteration."""
+
+    name: Literal["sgd", "adamw"] = Field("sgd", description="SGD with momentum, or AdamW")
     lr: float = Field(0.1, gt=0, description="peak learning rate")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(5e-4, ge=0, description="not applied to norms and biases")
-    schedule: Literal["cosine", "multistep", "onecycle", "constant"] = "cosine"
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum")
+    nesterov: bool = Field(True, description="sgd: Nesterov momentum")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw: decay rates of the gradient's moments")
+    weight_decay: float = Field(5e-4, ge=0, description="on conv and linear weights only, not on norms and biases")
+    schedule: Literal["cosine", "multistep", "onecycle", "constant"] = Field(
+        "cosine",
+        description="lr after warmup: cosine decay, linear decay (onecycle), times gamma at each milestone "
+        "(multistep) or constant",
+    )
     warmup_epochs: float = Field(0.0, ge=0, description="linear warmup from 0, stepped per iteration")
     milestones: list[int] = Field(default_factory=list, description="multistep: epochs where lr is multiplied by gamma")
-    gamma: float = Field(0.1, gt=0, le=1)
+    gamma: float = Field(0.1, gt=0, le=1, description="multistep: lr factor at each milestone")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/onecycle: final lr as a fraction of lr")
     clip_grad_norm: float | None = Field(None, gt=0, description="max global gradient norm; unset: no clipping")
 
 
 class TrainSection(Section):
-    epochs: int = Field(10, ge=1)
-    seed: int = Field(0, ge=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    deterministic: bool = False
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """The training loop: length, precision, device, checkpoints and what runs around each step."""
+
+    epochs: int = Field(10, ge=1, description="epochs to train; the lr schedule spans all of them")
+    seed: int = Field(0, ge=0, description="seeds the initial weights, the data order and the augmentation")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 autocast where the device computes bf16 natively, else fp32; "
+        "fp16 adds a gradient scaler and needs CUDA",
+    )
+    deterministic: bool = Field(
+        False, description="deterministic kernels: the same weights run after run on the same machine and versions"
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy loss")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="channels-last (NHWC) memory format; auto: on for CUDA and CPU, where it measured faster"
+    )
     checkpoint_minutes: float = Field(10.0, gt=0, description="also checkpoint within an epoch this often")
     sync_bn: bool = Field(False, description="SyncBatchNorm across processes under torchrun (CUDA)")
     compile: bool = Field(False, description="torch.compile the model (worth it on GPUs; slower on CPU)")
     accumulate_steps: int = Field(
-        1, ge=1, description="split each batch into this many micro-batches, summing gradients: same math, less memory"
+        1,
+        ge=1,
+        description="split each data.batch_size batch into this many micro-batches and sum their gradients: "
+        "one optimizer step per batch in less memory (BatchNorm normalizes over each micro-batch)",
     )
     ema_decay: float | None = Field(
-        None, gt=0, lt=1, description="keep an exponential moving average of the weights, updated every step"
+        None,
+        gt=0,
+        lt=1,
+        description="keep an exponential moving average of the weights, updated every step, validated every epoch "
+        "and saved as best_ema/final_ema.safetensors",
     )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many epochs without a new best validation top-1"
@@ -95,13 +134,17 @@ class TrainSection(Section):
 
 
 class LogSection(Section):
-    tensorboard: bool = Field(False, description="also write TensorBoard event files to RUN/tensorboard")
+    """What is logged besides metrics.jsonl and run.json."""
+
+    tensorboard: bool = Field(
+        False, description="also write TensorBoard event files to RUN/tensorboard (needs gtrain[tensorboard])"
+    )
 
 
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    description: str = ""
+    description: str = Field("", description="one line that `gtrain recipes` shows: what the recipe trains and its evidence")
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     optim: OptimSection = Field(default_factory=OptimSection)
@@ -159,6 +202,121 @@ def unsafe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     old, new = flatten(saved), flatten(current)
     changed = {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
     return sorted(changed - SAFE_TO_CHANGE_ON_RESUME)
+
+
+# ---------------------------------------------------------------------------------------
+# The reference: every key, rendered from the schema above. README.md holds a copy that
+# tests/test_docs.py keeps equal to it; `make docs` rewrites that copy.
+
+# [model] settings worth knowing, with what they do; the other settings of a variant's
+# config are listed by name.
+MODEL_SETTING_EXAMPLES = {
+    "zero_init_last_bn": "zero the last BatchNorm scale of each block, so every block starts as the identity",
+    "cardinality": "groups in every 3x3 conv: the paper's C",
+    "width_per_group": "channels per group in the first stage, doubling per stage: the paper's d",
+    "drop_path_rate": "stochastic depth of the last block, rising linearly from 0 over the blocks",
+    "layer_scale_init": "initial scale of both residual branches; 0 disables layer scale",
+    "orders": "gnConv order per stage, e.g. [2, 3, 4, 5]",
+}
+
+# pydantic's constraints as they read after the type: `int ≥ 1`, `float < 1`.
+_LOWER_BOUNDS = {"ge": "≥", "gt": ">"}
+_UPPER_BOUNDS = {"le": "≤", "lt": "<"}
+_BEFORE_THE_TYPE = {"≥": "≤", ">": "<"}  # a lower bound written first: `0 ≤ float < 1`
+
+
+def recipe_reference() -> str:
+    """Every recipe key as Markdown: one table per section (key, type, default, meaning),
+    and the [model] settings that come from the chosen variant's config."""
+    fields = Recipe.model_fields
+    sections = [name for name, field in fields.items() if _is_section(field.annotation)]
+    top = {name: field for name, field in fields.items() if name not in sections}
+    parts = [_section_table("Top level", "Keys outside any [section].", top)]
+    for name in sections:
+        section = fields[name].annotation
+        parts.append(_section_table(f"`[{name}]`", section.__doc__, section.model_fields))
+        if section is ModelSection:
+            parts.append(_model_settings())
+    return "\n".join(parts)
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _section_table(title: str, summary: str, fields: dict[str, Any]) -> str:
+    rows = [
+        f"| `{name}` | {_type_name(field.annotation, field.metadata)} | {_default(field)} | {_cell(field.description)} |"
+        for name, field in fields.items()
+    ]
+    return "\n".join([f"### {title}", "", summary, "", "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+
+
+def _type_name(annotation: Any, metadata: list[Any]) -> str:
+    """`int ≥ 1`, `0 ≤ float < 1`, `"auto" | "on"`, `float or unset`, `list of int`, `[float, float]`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return r" \| ".join(f'`"{arg}"`' for arg in args)
+    if origin in (types.UnionType, typing.Union) and type(None) in args:
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return f"{_type_name(inner, metadata)} or unset"
+    if origin is list:
+        return f"list of {_type_name(args[0], [])}"
+    if origin is tuple:
+        return "[" + ", ".join(_type_name(arg, []) for arg in args) + "]"
+    return _with_bounds({str: "string"}.get(annotation, annotation.__name__), metadata)
+
+
+def _with_bounds(name: str, metadata: list[Any]) -> str:
+    """`int ≥ 1`, `float > 0`, `0 ≤ float < 1` from pydantic's ge, gt, le and lt constraints."""
+    lower = [(sign, getattr(c, attr)) for c in metadata for attr, sign in _LOWER_BOUNDS.items() if hasattr(c, attr)]
+    upper = [(sign, getattr(c, attr)) for c in metadata for attr, sign in _UPPER_BOUNDS.items() if hasattr(c, attr)]
+    if lower and upper:
+        (low_sign, low), (high_sign, high) = lower[0], upper[0]
+        return f"{low} {_BEFORE_THE_TYPE[low_sign]} {name} {high_sign} {high}"
+    return name + "".join(f" {sign} {value}" for sign, value in lower + upper)
+
+
+def _default(field: Any) -> str:
+    value = field.get_default(call_default_factory=True)
+    return "unset" if value is None else f"`{_toml_value(value)}`"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()
+
+
+def _cell(text: str | None) -> str:
+    return (text or "").replace("|", r"\|")
+
+
+def _model_settings() -> str:
+    from gtrain.models import get_model_entry, list_models  # the registry imports torch: only when needed
+
+    settings: dict[str, list[str]] = {}
+    for name in list_models():
+        entry = get_model_entry(name)
+        settings.setdefault(entry.family, [f.name for f in dataclasses.fields(entry.config)])
+    # An example renamed in its config dataclass fails here, so the docs test catches it.
+    family_of = {key: family for family, keys in settings.items() for key in keys}
+    lines = [
+        "Besides `name` and `pretrained`, `[model]` takes any setting of the chosen variant's config, which",
+        "replaces the variant's value (a tuple is written as a TOML array). A name the variant does not",
+        "have, or a value of another type, is an error. `gtrain models` lists the variants; their",
+        "settings, by family:",
+        "",
+        *(f"- {family}: " + ", ".join(f"`{key}`" for key in keys) for family, keys in settings.items()),
+        "",
+        "For example:",
+        "",
+        "| setting | family | meaning |",
+        "|---|---|---|",
+        *(f"| `{key}` | {family_of[key]} | {_cell(meaning)} |" for key, meaning in MODEL_SETTING_EXAMPLES.items()),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------
