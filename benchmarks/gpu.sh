@@ -3,6 +3,9 @@
 #   resnext29_8x64d and hornet_cifar_tiny_7x7 at 32 px (batch 256),
 #   resnext50_32x4d and hornet_tiny_7x7 at 224 px (batch 128),
 #   eager: fp32 and bf16 x NCHW and channels_last (16 runs), then
+#   two short `gtrain fit` runs with the defaults: the quickstart (in-memory data on the
+#   GPU) and resnext50_32x4d on FakeData at 224 px (the DataLoader path, 8 workers), for
+#   images/s and the share of time spent waiting for data; then
 #   compiled: bf16 + channels_last, the setup one would train with (4 runs).
 # torch.compile takes a minute or more per model (training and inference graphs), so
 # the compiled runs come last and cover only the setup that matters.
@@ -80,6 +83,36 @@ for precision in bf16 fp32; do
     for model in "${imagenet[@]}"; do bench "$model" 224 128 "$precision" "$format" eager "$EAGER_TIMEOUT_S"; done
   done
 done
+
+# fit LABEL TIMEOUT_S ARGS...: one `gtrain fit` run; its last metrics.jsonl row goes to gpu_fit.jsonl.
+fits="$OUT_DIR/gpu_fit.jsonl"
+: >"$fits"
+fit() {
+  local label=$1 limit_s=$2
+  shift 2
+  local left_s=$((BUDGET_S - SECONDS))
+  if ((left_s < 30)); then
+    skipped+=("fit $label")
+    return 0
+  fi
+  if ((limit_s > left_s)); then limit_s=$left_s; fi
+  local run="$OUT_DIR/fit_$label"
+  rm -rf "$run"
+  echo "== fit $label (timeout ${limit_s}s, ${SECONDS}s used)" | tee -a "$log"
+  if timeout --kill-after=10 "$limit_s" "$PYTHON" -m gtrain fit "$@" --device cuda --out "$run" --quiet >>"$log" 2>&1; then
+    "$PYTHON" -c 'import json, sys; row = json.loads(open(sys.argv[1]).read().splitlines()[-1]); row["label"] = sys.argv[2]; print(json.dumps(row))' \
+      "$run/metrics.jsonl" "$label" | tee -a "$fits"
+  else
+    echo "   FAILED (exit $?): see $log" | tee -a "$log"
+    failed+=("fit $label")
+  fi
+}
+
+fit quickstart_digits 120 quickstart --set train.epochs=3
+fit resnext50_fakedata_224 240 quickstart --set data.dataset=FakeData --set model.name=resnext50_32x4d \
+  --set data.image_size=224 --set data.batch_size=128 --set data.workers=8 --set train.epochs=2 --set optim.warmup_epochs=0
+
+# Compiled last: a compile takes a minute or more, and the budget may end first.
 # HorNet first: its LayerNorms, gates and GELUs are where fusion can pay.
 bench hornet_tiny_7x7 224 128 bf16 cl compiled "$COMPILED_TIMEOUT_S"
 bench hornet_cifar_tiny_7x7 32 256 bf16 cl compiled "$COMPILED_TIMEOUT_S"
@@ -87,15 +120,16 @@ bench resnext50_32x4d 224 128 bf16 cl compiled "$COMPILED_TIMEOUT_S"
 bench resnext29_8x64d 32 256 bf16 cl compiled "$COMPILED_TIMEOUT_S"
 
 echo
-echo "total ${SECONDS}s; results in $results"
+echo "total ${SECONDS}s; results in $results and $fits"
 for label in "${failed[@]+"${failed[@]}"}"; do echo "failed: $label"; done
 for label in "${skipped[@]+"${skipped[@]}"}"; do echo "skipped (budget): $label"; done
 
-"$PYTHON" - "$results" <<'EOF'
+"$PYTHON" - "$results" "$fits" <<'EOF'
 import json
 import sys
 
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+fits = [json.loads(line) for line in open(sys.argv[2]) if line.strip()]
 if rows:
     print(f"\n{rows[0]['device_name']}, torch {rows[0]['torch_version']}")
 header = f"{'model':<24}{'px':>4}{'batch':>6}  {'prec':<5}{'format':<7}{'mode':<9}{'train img/s':>12}{'±%':>6}{'infer img/s':>13}{'±%':>6}{'TFLOP/s':>9}{'MFU':>7}"
@@ -109,4 +143,11 @@ for r in rows:
         f"{r['train_images_per_s']:>12,.0f}{r['train_spread_pct']:>6.1f}{r['infer_images_per_s']:>13,.0f}"
         f"{r['infer_spread_pct']:>6.1f}{r['tflops']:>9.1f}{mfu:>7}"
     )
+if fits:
+    print(f"\n{'gtrain fit (defaults)':<26}{'epoch':>6}{'train img/s':>13}{'data wait':>11}{'val top-1':>11}{'s/epoch':>9}")
+    for f in fits:
+        print(
+            f"{f['label']:<26}{f['epoch']:>6}{f['images_per_s']:>13,.0f}{f['data_wait_fraction']:>11.1%}"
+            f"{f['val_top1']:>11.2%}{f['seconds']:>9.1f}"
+        )
 EOF

@@ -1,7 +1,7 @@
 """`gtrain plot`: a run's curves per epoch, or several runs' side by side, as one PNG.
 
-Three panels: loss (train solid, validation dashed), validation top-1 in percent, and the
-learning rate at the end of each epoch. Each run has one colour, labelled by its folder.
+Three panels: loss (train solid, validation dashed), validation top-1 in percent (the
+weight average dotted, for runs with EMA), and the learning rate at the end of each epoch. Each run has one colour, labelled by its folder.
 matplotlib is an optional extra (`pip install 'gtrain[plot]'`), imported only here, and
 drawn with the Agg canvas so that no display and no pyplot state are involved.
 """
@@ -66,6 +66,9 @@ def metrics_figure(curves: dict[str, list[dict[str, Any]]]):
         loss_ax.plot(*_series(rows, "train_loss"), color=colour, linestyle="-")
         loss_ax.plot(*_series(rows, "val_loss"), color=colour, linestyle="--")
         top1_ax.plot(*_series(rows, "val_top1", scale=100), color=colour, marker=".", label=label)
+        ema_epochs, ema_top1 = _series(rows, "val_top1_ema", scale=100)
+        if ema_epochs:  # runs with train.ema_decay: the weight average, dotted
+            top1_ax.plot(ema_epochs, ema_top1, color=colour, linestyle=":", label=f"{label} (EMA)")
         lr_ax.plot(*_series(rows, "lr"), color=colour)
 
     loss_ax.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
@@ -74,7 +77,7 @@ def metrics_figure(curves: dict[str, list[dict[str, Any]]]):
         labels=["train", "val"],
     )
     top1_ax.set(title="validation top-1", xlabel="epoch", ylabel="top-1 (%)")
-    if len(curves) > 1:
+    if len(curves) > 1 or any(line.get_linestyle() == ":" for line in top1_ax.get_lines()):
         top1_ax.legend(loc="lower right")
     lr_ax.set(title="learning rate (end of epoch)", xlabel="epoch", ylabel="lr")
     for ax in (loss_ax, top1_ax, lr_ax):

@@ -250,6 +250,20 @@ def test_figure_curves_are_the_metrics(tmp_path):
     assert list(lr_ax.lines[0].get_ydata()) == [0.1, 0.05, 0.1 / 3]
 
 
+def test_figure_shows_the_weight_average_dotted(tmp_path):
+    from gtrain.plot import load_curves, metrics_figure
+
+    run = write_run(tmp_path / "a")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["val_top1_ema"] = row["val_top1"] - 0.1
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _, top1_ax, _ = metrics_figure({"a": load_curves(run)}).axes
+    model, average = top1_ax.lines
+    assert average.get_linestyle() == ":" and average.get_color() == model.get_color()
+    assert list(average.get_ydata()) == pytest.approx([40.0, 70.0, 60.0])
+
+
 def test_plot_of_a_folder_without_metrics_names_it(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "empty has no metrics.jsonl" in one_error_line(invoke("plot", tmp_path / "empty"))
