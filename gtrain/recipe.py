@@ -393,11 +393,21 @@ def validate_recipe(document: dict[str, Any], source: str = "recipe") -> Recipe:
         recipe = Recipe.model_validate(document)
     except ValidationError as error:
         lines = [_describe(e, document) for e in error.errors()]
+        # The [model] settings are checked too when the rest fails, so every mistake comes at once.
+        model = _valid_model_section(document)
+        lines += _check_model_settings(model) if model is not None else []
         raise UserError(_join(source, lines)) from None
-    lines = _check_model_settings(recipe)
+    lines = _check_model_settings(recipe.model)
     if lines:
         raise UserError(_join(source, lines))
     return recipe
+
+
+def _valid_model_section(document: dict[str, Any]) -> "ModelSection | None":
+    try:
+        return ModelSection.model_validate(document.get("model", {}))
+    except ValidationError:  # already among the reported problems
+        return None
 
 
 def _join(source: str, lines: list[str]) -> str:
@@ -406,17 +416,18 @@ def _join(source: str, lines: list[str]) -> str:
     return f"{source}: {len(lines)} problems\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def _check_model_settings(recipe: Recipe) -> list[str]:
+def _check_model_settings(model: ModelSection) -> list[str]:
     """Extra [model] keys must be settings of the chosen variant, of the same type."""
     from gtrain.models import get_model_entry  # the registry imports torch: only when needed
 
     try:
-        entry = get_model_entry(recipe.model.name)
+        entry = get_model_entry(model.name)
     except UserError as error:
         return [f"model.name: {error}"]
     settings = {f.name for f in dataclasses.fields(entry.config)}
+    overrides = dict(model.model_extra or {})
     lines = []
-    for key, value in recipe.model_overrides().items():
+    for key, value in overrides.items():
         if key not in settings:
             lines.append(f"unknown key model.{key}: {_did_you_mean(key, ['name', 'pretrained', *settings])}")
             continue
@@ -425,13 +436,13 @@ def _check_model_settings(recipe: Recipe) -> list[str]:
         if coerced is None:
             lines.append(f"model.{key} = {value!r}: expected a {type(default).__name__} like {default!r}")
         else:
-            setattr(recipe.model, key, coerced)
-    if not lines and recipe.model_overrides():
-        lines = _try_build(recipe)
+            setattr(model, key, coerced)
+    if not lines and overrides:
+        lines = _try_build(model.name, dict(model.model_extra or {}))
     return lines
 
 
-def _try_build(recipe: Recipe) -> list[str]:
+def _try_build(name: str, overrides: dict[str, Any]) -> list[str]:
     """Values of the right type can still make no network (cardinality 0, drop path 1.5):
     build it where nothing is allocated and report what PyTorch objects to."""
     import torch
@@ -440,10 +451,10 @@ def _try_build(recipe: Recipe) -> list[str]:
 
     try:
         with torch.device("meta"):
-            create_model(recipe.model.name, num_classes=10, **recipe.model_overrides())
+            create_model(name, num_classes=10, **overrides)
     except (ValueError, TypeError, RuntimeError, ZeroDivisionError, IndexError) as error:
-        settings = ", ".join(f"model.{k} = {v!r}" for k, v in recipe.model_overrides().items())
-        return [f"{settings}: {recipe.model.name} cannot be built with that ({error})"]
+        settings = ", ".join(f"model.{k} = {v!r}" for k, v in overrides.items())
+        return [f"{settings}: {name} cannot be built with that ({error})"]
     return []
 
 

@@ -121,3 +121,12 @@ def test_any_recipe_document_is_accepted_or_rejected_with_gtrains_own_error(docu
 def test_model_settings_that_make_no_network_are_one_line():
     with pytest.raises(UserError, match=r"model.cardinality = 0: resnext29_2x16d cannot be built with that"):
         validate_recipe({"model": {"name": "resnext29_2x16d", "cardinality": 0}})
+
+
+def test_model_settings_are_reported_with_the_other_problems():
+    with pytest.raises(UserError) as error:
+        validate_recipe({"model": {"name": "resnext29_2x16d", "cardinalty": 3}, "optim": {"lrr": 0.1}})
+    message = str(error.value)
+    assert "2 problems" in message
+    assert "unknown key optim.lrr: did you mean lr?" in message
+    assert "unknown key model.cardinalty: did you mean cardinality?" in message
