@@ -106,6 +106,7 @@ def wrap(model: nn.Module, sync_bn: bool, device: torch.device, world: World) ->
 def gradient_sync(module: nn.Module, enabled: bool):
     """DDP all-reduces gradients in every backward; while accumulating micro-batches only
     the last backward of a step needs to, so the others run under `no_sync`."""
+    module = getattr(module, "_orig_mod", module)  # torch.compile wraps the DDP module
     if enabled or not isinstance(module, DistributedDataParallel):
         return contextlib.nullcontext()
     return module.no_sync()

@@ -159,6 +159,16 @@ class Recipe(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _per_image_augmentation_needs_augment(self) -> "Recipe":
+        data = self.data
+        if not data.augment and (data.auto_augment != "none" or data.random_erasing > 0):
+            raise ValueError(
+                "data.auto_augment and data.random_erasing add to the default augmentation, which "
+                "data.augment = false turns off: set data.augment = true, or leave them unset"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _accumulation_fits_batch(self) -> "Recipe":
         if self.train.accumulate_steps > self.data.batch_size:
             raise ValueError(
@@ -452,7 +462,7 @@ def _try_build(name: str, overrides: dict[str, Any]) -> list[str]:
     try:
         with torch.device("meta"):
             create_model(name, num_classes=10, **overrides)
-    except (ValueError, TypeError, RuntimeError, ZeroDivisionError, IndexError) as error:
+    except (UserError, ValueError, TypeError, RuntimeError, ZeroDivisionError, IndexError) as error:
         settings = ", ".join(f"model.{k} = {v!r}" for k, v in overrides.items())
         return [f"{settings}: {name} cannot be built with that ({error})"]
     return []

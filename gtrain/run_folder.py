@@ -106,24 +106,33 @@ def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+def require_tensorboard() -> None:
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "log.tensorboard = true needs the tensorboard package: pip install 'gtrain[tensorboard]', "
+            "or set log.tensorboard = false"
+        ) from None
+
+
 class MetricsLog:
     """metrics.jsonl, always; TensorBoard scalars as well with `tensorboard`."""
 
-    def __init__(self, paths: RunFolder, *, tensorboard: bool):
+    def __init__(self, paths: RunFolder, *, tensorboard: bool, enabled: bool = True):
         self.paths = paths
+        self.enabled = enabled  # under torchrun, only the main process writes
         self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError(
-                    "log.tensorboard = true needs the tensorboard package: pip install 'gtrain[tensorboard]', "
-                    "or set log.tensorboard = false"
-                ) from None
+        if tensorboard and enabled:
+            require_tensorboard()
+            from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(log_dir=str(paths.tensorboard))
 
     def write(self, history: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl with every finished epoch; send the newest to TensorBoard."""
+        if not self.enabled:
+            return
         write_text_atomic(self.paths.metrics, "".join(json.dumps(row) + "\n" for row in history))
         if self.writer is not None and history:
             row = history[-1]

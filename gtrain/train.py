@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.nn import functional as F
 
@@ -34,7 +35,7 @@ from gtrain.models import create_model
 from gtrain.optim import build_optimizer, build_scheduler
 from gtrain.progress import EpochRow, Reporter, format_seconds
 from gtrain.recipe import SAFE_TO_CHANGE_ON_RESUME, Recipe, unsafe_changes
-from gtrain.run_folder import MetricsLog, RunFolder, RunStatus
+from gtrain.run_folder import MetricsLog, RunFolder, RunStatus, require_tensorboard
 
 
 @dataclass
@@ -211,7 +212,7 @@ def micro_batches(inputs: torch.Tensor, targets: torch.Tensor, count: int):
     if count == 1:
         yield inputs, targets, 1.0, True
         return
-    chunks = list(zip(inputs.chunk(count), targets.chunk(count)))
+    chunks = list(zip(inputs.tensor_split(count), targets.tensor_split(count)))
     for index, (chunk_inputs, chunk_targets) in enumerate(chunks):
         yield chunk_inputs, chunk_targets, len(chunk_targets) / len(targets), index == len(chunks) - 1
 
@@ -302,6 +303,13 @@ def fit(
     # Each process draws its own augmentation; DDP copies rank 0's initial weights to all.
     runtime.seed_everything(train.seed + world.rank, train.deterministic)
     per_process_batch = distributed.per_process_batch(data_recipe.batch_size, world)
+    if train.accumulate_steps > per_process_batch:
+        raise UserError(
+            f"train.accumulate_steps = {train.accumulate_steps} is more micro-batches than the {per_process_batch} "
+            f"images each of the {world.size} processes gets per step: lower it, or raise data.batch_size"
+        )
+    if recipe.log.tensorboard and world.is_main:
+        require_tensorboard()  # before any work: the run would fail at its first epoch's end
 
     # Under torchrun the main process downloads alone; the others wait, then read its copy.
     with distributed.main_process_first(world):
@@ -332,8 +340,9 @@ def fit(
     model.to(device_)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = WeightEMA(model, train.ema_decay) if train.ema_decay else None
     trained_model = distributed.wrap(model, train.sync_bn, device_, world)
+    # After the wrap: DDP has given every process the main process's initial weights.
+    ema = WeightEMA(model, train.ema_decay) if train.ema_decay else None
     # Compiled for speed, while checkpoints keep reading the plain module's state_dict.
     step_model = torch.compile(trained_model) if train.compile else trained_model
     eval_model = torch.compile(model) if train.compile else model
@@ -362,7 +371,7 @@ def fit(
             torch.manual_seed(train.seed + 1_000_003 * world.rank + progress.epoch * steps_per_epoch + progress.step_in_epoch)
     if world.is_main:
         write_text_atomic(paths.recipe, recipe.to_toml())
-    metrics_log = MetricsLog(paths, tensorboard=recipe.log.tensorboard) if world.is_main else None
+    metrics_log = MetricsLog(paths, tensorboard=recipe.log.tensorboard, enabled=world.is_main)
     status = RunStatus(
         paths,
         {"recipe": recipe_name, "model": recipe.model.name, "dataset": info.name, "epochs": train.epochs},
@@ -423,8 +432,11 @@ def fit(
     reporter.start(facts)
 
     run_start = time.perf_counter() - progress.elapsed_s
-    with recording(status), StopRequest() as stop:
-        status.update(status="running", epochs_done=progress.epoch, elapsed_s=progress.elapsed_s)
+    with recording(status), StopRequest() as stop, contextlib.closing(metrics_log):
+        status.update(
+            status="running", epochs_done=progress.epoch, elapsed_s=progress.elapsed_s,
+            best_top1=progress.best_top1 if progress.history else None, best_epoch=progress.best_epoch or None,
+        )  # fmt: skip
         for epoch in range(progress.epoch, train.epochs):
             reporter.epoch_start(epoch + 1, train.epochs, steps_per_epoch, progress.step_in_epoch)
             while progress.step_in_epoch < steps_per_epoch:
@@ -474,8 +486,7 @@ def fit(
             progress.epoch_seconds = progress.epoch_data_wait_s = 0.0
             progress.elapsed_s = time.perf_counter() - run_start
             progress.history.append(row.to_record())
-            if metrics_log is not None:
-                metrics_log.write(progress.history)
+            metrics_log.write(progress.history)
             if result.top1 > progress.best_top1:
                 progress.best_top1, progress.best_epoch = result.top1, epoch + 1
                 if world.is_main:
@@ -503,8 +514,6 @@ def fit(
             if ema is not None:
                 save_weights(paths.final_ema, ema.module, meta)
         status.update(status="finished", stopped_early=progress.stopped_early)
-    if metrics_log is not None:
-        metrics_log.close()
     summary = {
         "best top-1": f"{progress.best_top1:.2%} (epoch {progress.best_epoch})",
         "final top-1": f"{progress.history[-1]['val_top1']:.2%}" if progress.history else "-",
@@ -529,7 +538,11 @@ def fit(
 
 def check_resumable(state: dict[str, Any], recipe: Recipe, paths: RunFolder) -> None:
     """Refuse a resume that would not continue the same run, or has nothing left to do."""
-    changed = unsafe_changes(state["recipe"], recipe.to_dict())
+    try:  # a checkpoint from an older gtrain lacks newer keys: they had their defaults' effect
+        saved_recipe = Recipe.model_validate(state["recipe"]).to_dict()
+    except ValidationError:
+        saved_recipe = state["recipe"]
+    changed = unsafe_changes(saved_recipe, recipe.to_dict())
     if changed:
         raise UserError(
             f"cannot resume {paths.root}: the recipe differs from the one it was trained with in "

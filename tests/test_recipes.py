@@ -130,3 +130,14 @@ def test_model_settings_are_reported_with_the_other_problems():
     assert "2 problems" in message
     assert "unknown key optim.lrr: did you mean lr?" in message
     assert "unknown key model.cardinalty: did you mean cardinality?" in message
+
+
+def test_per_image_augmentation_without_augment_is_a_conflict():
+    with pytest.raises(UserError, match=r"data.augment = false turns off"):
+        validate_recipe({"data": {"augment": False, "auto_augment": "randaugment"}})
+
+
+def test_a_variant_that_refuses_its_settings_is_reported_with_the_other_problems():
+    with pytest.raises(UserError) as error:
+        validate_recipe({"model": {"name": "hornet_cifar_nano_7x7", "orders": [2, 3]}, "optim": {"lr": -1}})
+    assert "2 problems" in str(error.value) and "optim.lr = -1" in str(error.value)

@@ -211,3 +211,17 @@ def test_compile_trains_through_torch_compile_and_saves_plain_weights(tmp_path, 
     weights = load_file(run / "final.safetensors")
     assert not any(key.startswith("_orig_mod.") for key in weights)
     assert invoke("eval", run, "--json").exit_code == 0
+
+
+def test_a_checkpoint_written_before_the_newer_recipe_keys_still_resumes(tmp_path, tiny):
+    run = tmp_path / "run"
+    fit(*tiny, "--out", run)
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    for section, key in [("data", "auto_augment"), ("data", "random_erasing"), ("data", "mixup_alpha"),
+                         ("data", "cutmix_alpha"), ("train", "accumulate_steps"), ("train", "compile")]:  # fmt: skip
+        del state["recipe"][section][key]
+    del state["recipe"]["log"]
+    torch.save(state, last)
+    fit("--resume", run, "--set", "train.epochs=2")
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
