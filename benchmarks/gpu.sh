@@ -17,6 +17,11 @@
 #
 #   bash benchmarks/gpu.sh                      # from the repository root, after pip install -e .
 #   STEPS=10 BUDGET_S=300 bash benchmarks/gpu.sh
+#
+# A dry run of the whole script on a CPU, to check it before GPU time is spent on it (its
+# numbers mean nothing; bf16 is emulated on most CPUs and slow, so skip it there):
+#   DEVICE=cpu PRECISIONS=fp32 BATCH_SMALL=2 BATCH_LARGE=2 SIZE_LARGE=32 FIT_BATCH=256 STEPS=1 \
+#     REPEATS=1 FIT_EPOCHS=1 COMPILED_TIMEOUT_S=5 OUT=/tmp/gpu_dry bash benchmarks/gpu.sh
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
@@ -26,6 +31,13 @@ REPEATS=${REPEATS:-3}
 BUDGET_S=${BUDGET_S:-540}
 EAGER_TIMEOUT_S=${EAGER_TIMEOUT_S:-120}
 COMPILED_TIMEOUT_S=${COMPILED_TIMEOUT_S:-240}
+DEVICE=${DEVICE:-cuda}
+BATCH_SMALL=${BATCH_SMALL:-256}   # the 32 px models
+BATCH_LARGE=${BATCH_LARGE:-128}   # the 224 px models
+SIZE_LARGE=${SIZE_LARGE:-224}
+FIT_EPOCHS=${FIT_EPOCHS:-2}
+FIT_BATCH=${FIT_BATCH:-$BATCH_LARGE}  # FakeData has 2,560 training images: 20 steps per epoch at 128
+PRECISIONS=${PRECISIONS:-bf16 fp32}
 
 mkdir -p "$OUT_DIR"
 results="$OUT_DIR/gpu_bench.jsonl"
@@ -58,7 +70,7 @@ bench() {
   fi
   if ((limit_s > left_s)); then limit_s=$left_s; fi
   local args=("$model" --batch-size "$batch" --image-size "$size" --precision "$precision"
-    --device cuda --steps "$STEPS" ${repeat_args[@]+"${repeat_args[@]}"} --json)
+    --device "$DEVICE" --steps "$STEPS" ${repeat_args[@]+"${repeat_args[@]}"} --json)
   if [[ $format == cl ]]; then args+=(--channels-last); else args+=(--no-channels-last); fi
   if [[ $mode == compiled ]]; then args+=(--compile); fi
 
@@ -77,10 +89,10 @@ bench() {
 cifar=(resnext29_8x64d hornet_cifar_tiny_7x7)
 imagenet=(resnext50_32x4d hornet_tiny_7x7)
 
-for precision in bf16 fp32; do
+for precision in $PRECISIONS; do
   for format in cl nchw; do
-    for model in "${cifar[@]}"; do bench "$model" 32 256 "$precision" "$format" eager "$EAGER_TIMEOUT_S"; done
-    for model in "${imagenet[@]}"; do bench "$model" 224 128 "$precision" "$format" eager "$EAGER_TIMEOUT_S"; done
+    for model in "${cifar[@]}"; do bench "$model" 32 "$BATCH_SMALL" "$precision" "$format" eager "$EAGER_TIMEOUT_S"; done
+    for model in "${imagenet[@]}"; do bench "$model" "$SIZE_LARGE" "$BATCH_LARGE" "$precision" "$format" eager "$EAGER_TIMEOUT_S"; done
   done
 done
 
@@ -99,7 +111,7 @@ fit() {
   local run="$OUT_DIR/fit_$label"
   rm -rf "$run"
   echo "== fit $label (timeout ${limit_s}s, ${SECONDS}s used)" | tee -a "$log"
-  if timeout --kill-after=10 "$limit_s" "$PYTHON" -m gtrain fit "$@" --device cuda --out "$run" --quiet >>"$log" 2>&1; then
+  if timeout --kill-after=10 "$limit_s" "$PYTHON" -m gtrain fit "$@" --device "$DEVICE" --out "$run" --quiet >>"$log" 2>&1; then
     "$PYTHON" -c 'import json, sys; row = json.loads(open(sys.argv[1]).read().splitlines()[-1]); row["label"] = sys.argv[2]; print(json.dumps(row))' \
       "$run/metrics.jsonl" "$label" | tee -a "$fits"
   else
@@ -108,16 +120,17 @@ fit() {
   fi
 }
 
-fit quickstart_digits 120 quickstart --set train.epochs=3
-fit resnext50_fakedata_224 240 quickstart --set data.dataset=FakeData --set model.name=resnext50_32x4d \
-  --set data.image_size=224 --set data.batch_size=128 --set data.workers=8 --set train.epochs=2 --set optim.warmup_epochs=0
+fit quickstart_digits 120 quickstart --set train.epochs="$FIT_EPOCHS"
+fit "resnext50_fakedata_$SIZE_LARGE" 240 quickstart --set data.dataset=FakeData --set model.name=resnext50_32x4d \
+  --set data.image_size="$SIZE_LARGE" --set data.batch_size="$FIT_BATCH" --set data.workers=8 \
+  --set train.epochs="$FIT_EPOCHS" --set optim.warmup_epochs=0
 
 # Compiled last: a compile takes a minute or more, and the budget may end first.
 # HorNet first: its LayerNorms, gates and GELUs are where fusion can pay.
-bench hornet_tiny_7x7 224 128 bf16 cl compiled "$COMPILED_TIMEOUT_S"
-bench hornet_cifar_tiny_7x7 32 256 bf16 cl compiled "$COMPILED_TIMEOUT_S"
-bench resnext50_32x4d 224 128 bf16 cl compiled "$COMPILED_TIMEOUT_S"
-bench resnext29_8x64d 32 256 bf16 cl compiled "$COMPILED_TIMEOUT_S"
+bench hornet_tiny_7x7 "$SIZE_LARGE" "$BATCH_LARGE" bf16 cl compiled "$COMPILED_TIMEOUT_S"
+bench hornet_cifar_tiny_7x7 32 "$BATCH_SMALL" bf16 cl compiled "$COMPILED_TIMEOUT_S"
+bench resnext50_32x4d "$SIZE_LARGE" "$BATCH_LARGE" bf16 cl compiled "$COMPILED_TIMEOUT_S"
+bench resnext29_8x64d 32 "$BATCH_SMALL" bf16 cl compiled "$COMPILED_TIMEOUT_S"
 
 echo
 echo "total ${SECONDS}s; results in $results and $fits"
