@@ -312,8 +312,10 @@ def export(
     ] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
 ) -> None:
-    """Export saved weights for inference, for any batch size, after checking the file's logits
-    against PyTorch's; a file that fails the check is not written."""
+    """Export saved weights for inference: ONNX, torch.export or TorchScript, checked first.
+
+    The file takes any batch size. Its logits are compared with PyTorch's before it is
+    written; a file that fails the check is not written."""
     from gtrain.export import export_model
 
     try:
