@@ -6,7 +6,6 @@ a confusion-matrix plot).
 state and no process group.
 """
 
-import io
 import math
 import os
 import time
@@ -20,7 +19,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from gtrain import runtime
-from gtrain.checkpoint import WeightsMeta, load_into, read_weights, write_atomic
+from gtrain.checkpoint import WeightsMeta, load_into, read_weights
 from gtrain.distributed import World, all_reduce_sum
 from gtrain.errors import UserError
 
@@ -28,10 +27,6 @@ from gtrain.errors import UserError
 TTA_MODES = ("none", "flip")
 # Beyond this many classes a printed matrix no longer fits a terminal: list the most-confused pairs.
 MAX_PRINTED_MATRIX_CLASSES = 20
-# Beyond this many classes the plot's tick labels overlap: leave the axes unlabelled.
-MAX_PLOT_LABELS = 30
-# Up to this many classes each non-empty cell of the plot also shows its percentage.
-MAX_ANNOTATED_CLASSES = 12
 
 
 @dataclass
@@ -270,6 +265,8 @@ def run_eval(
     }
     if plot is not None:
         title = f"{meta.model} on {info.name} ({split}): top-1 {result.top1:.1%}"
+        from gtrain.plot import write_confusion_plot
+
         write_confusion_plot(plot, result.confusion, meta.class_names, title=title)
     return report
 
@@ -349,33 +346,3 @@ def check_plot_path(path: Path) -> None:
     folder = next(p for p in [path.parent, *path.parent.parents] if p.exists())
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise UserError(f"--plot {path}: cannot write in {folder}: choose a writable folder")
-
-
-def write_confusion_plot(path: Path, confusion: list[list[int]], class_names: tuple[str, ...], *, title: str) -> None:
-    """The confusion matrix as a PNG, each row divided by its class's images, so the diagonal
-    reads as per-class recall whatever the class sizes."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    counts = np.asarray(confusion, dtype=np.float64)
-    normalized = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)  # a class with no images: a zero row
-    n = len(class_names)
-    side_inches = min(4 + 0.3 * n, 20)
-    # A Figure on the Agg canvas, not pyplot: no GUI backend, and no global state for a caller to inherit.
-    figure = Figure(figsize=(side_inches + 1.5, side_inches), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    image = axes.imshow(normalized, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    figure.colorbar(image, ax=axes, label="fraction of the true class")
-    axes.set(xlabel="predicted class", ylabel="true class", title=title)
-    if n <= MAX_PLOT_LABELS:
-        axes.set_xticks(range(n), class_names, rotation=90)
-        axes.set_yticks(range(n), class_names)
-    if n <= MAX_ANNOTATED_CLASSES:
-        for t, p in zip(*normalized.nonzero()):
-            shade = "white" if normalized[t, p] > 0.5 else "black"
-            axes.text(p, t, f"{normalized[t, p]:.0%}", ha="center", va="center", color=shade, fontsize=8)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    write_atomic(path, buffer.getvalue())

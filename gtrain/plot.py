@@ -1,7 +1,9 @@
-"""`gtrain plot`: a run's curves per epoch, or several runs' side by side, as one PNG.
+"""`gtrain plot`: a run's curves per epoch, or several runs' side by side, as one PNG; and
+the confusion-matrix PNG of `gtrain eval --plot`.
 
 Three panels: loss (train solid, validation dashed), validation top-1 in percent (the
-weight average dotted, for runs with EMA), and the learning rate at the end of each epoch. Each run has one colour, labelled by its folder.
+weight average dotted, for runs with EMA), and the learning rate at the end of each
+epoch. Each run has one colour, labelled by its folder.
 matplotlib is an optional extra (`pip install 'gtrain[plot]'`), imported only here, and
 drawn with the Agg canvas so that no display and no pyplot state are involved.
 """
@@ -14,6 +16,10 @@ from gtrain.errors import UserError
 from gtrain.runs import read_metrics
 
 MISSING_MATPLOTLIB = "gtrain plot needs matplotlib: pip install 'gtrain[plot]'"
+# Beyond this many classes the plot's tick labels overlap: leave the axes unlabelled.
+MAX_PLOT_LABELS = 30
+# Up to this many classes each non-empty cell of the plot also shows its percentage.
+MAX_ANNOTATED_CLASSES = 12
 
 
 def plot_runs(run_dirs: list[Path], out: Path | None = None) -> Path:
@@ -93,6 +99,38 @@ def save_png(figure, out: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     write_atomic(out, buffer.getvalue())
+
+
+def write_confusion_plot(path: Path, confusion: list[list[int]], class_names: tuple[str, ...], *, title: str) -> None:
+    """The confusion matrix as a PNG, each row divided by its class's images, so the diagonal
+    reads as per-class recall whatever the class sizes."""
+    import numpy as np
+
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError(MISSING_MATPLOTLIB) from None
+
+    counts = np.asarray(confusion, dtype=np.float64)
+    normalized = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)  # a class with no images: a zero row
+    n = len(class_names)
+    side_inches = min(4 + 0.3 * n, 20)
+    # A Figure on the Agg canvas, not pyplot: no GUI backend, and no global state for a caller to inherit.
+    figure = Figure(figsize=(side_inches + 1.5, side_inches), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(normalized, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    figure.colorbar(image, ax=axes, label="fraction of the true class")
+    axes.set(xlabel="predicted class", ylabel="true class", title=title)
+    if n <= MAX_PLOT_LABELS:
+        axes.set_xticks(range(n), class_names, rotation=90)
+        axes.set_yticks(range(n), class_names)
+    if n <= MAX_ANNOTATED_CLASSES:
+        for t, p in zip(*normalized.nonzero()):
+            shade = "white" if normalized[t, p] > 0.5 else "black"
+            axes.text(p, t, f"{normalized[t, p]:.0%}", ha="center", va="center", color=shade, fontsize=8)
+    save_png(figure, path)
 
 
 def _series(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:

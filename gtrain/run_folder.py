@@ -10,7 +10,9 @@
     RUN/final_ema.safetensors       the same for the weight average, with train.ema_decay
     RUN/tensorboard/                event files, with log.tensorboard
 
-Only the main process writes, and every file is replaced atomically.
+Only the main process writes, and every file is replaced atomically. Reading the layout
+needs no torch (`gtrain runs` stays quick): the atomic writer, which does, is imported
+where a file is written.
 """
 
 import json
@@ -21,7 +23,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gtrain.checkpoint import write_text_atomic
 from gtrain.errors import UserError
 
 
@@ -98,6 +99,8 @@ class RunStatus:
     def update(self, **changes: Any) -> None:
         if not self.enabled:
             return
+        from gtrain.checkpoint import write_text_atomic
+
         self.record.update(changes, updated=_now())
         write_text_atomic(self.paths.status, json.dumps(self.record, indent=2) + "\n")
 
@@ -133,6 +136,8 @@ class MetricsLog:
         """Rewrite metrics.jsonl with every finished epoch; send the newest to TensorBoard."""
         if not self.enabled:
             return
+        from gtrain.checkpoint import write_text_atomic
+
         write_text_atomic(self.paths.metrics, "".join(json.dumps(row) + "\n" for row in history))
         if self.writer is not None and history:
             row = history[-1]

@@ -29,6 +29,7 @@ from typing import Any
 
 from gtrain.errors import UserError
 from gtrain.progress import format_seconds
+from gtrain.run_folder import RunFolder
 
 STATUSES = ("running", "finished", "interrupted", "failed")
 
@@ -99,7 +100,8 @@ def find_run_folders(folder: Path, depth: int = SEARCH_DEPTH) -> list[Path]:
 
 
 def is_run_folder(folder: Path) -> bool:
-    return (folder / "recipe.toml").is_file() and ((folder / "metrics.jsonl").is_file() or (folder / "run.json").is_file())
+    paths = RunFolder(folder)
+    return paths.recipe.is_file() and (paths.metrics.is_file() or paths.status.is_file())
 
 
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -124,7 +126,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
 def read_run(folder: Path, root: Path) -> RunSummary:
     """Facts from the files first, then whatever run.json states on top of them."""
     summary = summary_from_files(folder, root)
-    status_file = folder / "run.json"
+    status_file = RunFolder(folder).status
     if status_file.exists():
         state = _read_json_object(status_file)
         if state is None:
@@ -135,13 +137,13 @@ def read_run(folder: Path, root: Path) -> RunSummary:
 
 
 def summary_from_files(folder: Path, root: Path) -> RunSummary:
-    relative = folder.relative_to(root)
+    relative, paths = folder.relative_to(root), RunFolder(folder)
     summary = RunSummary(
         path=folder,
         run=folder.resolve().name if relative == Path(".") else relative.as_posix(),
-        status="finished" if (folder / "final.safetensors").is_file() else "interrupted",
+        status="finished" if paths.final.is_file() else "interrupted",
     )
-    recipe = _read_toml(folder / "recipe.toml")
+    recipe = _read_toml(paths.recipe)
     if recipe is None:
         summary.detail.append("recipe.toml unreadable")
         recipe = {}
@@ -155,9 +157,9 @@ def summary_from_files(folder: Path, root: Path) -> RunSummary:
         summary.recipe = default_name["recipe"]
         summary.started = _parse_stamp(default_name["stamp"])
     if summary.started is None:  # recipe.toml is written when the run starts (and again on each resume)
-        summary.started = _modified_time(folder / "recipe.toml")
+        summary.started = _modified_time(paths.recipe)
 
-    metrics = folder / "metrics.jsonl"
+    metrics = paths.metrics
     rows, unreadable = read_metrics(metrics)
     if unreadable:
         summary.detail.append(f"metrics.jsonl: {unreadable} unreadable line{'s' * (unreadable > 1)}")
