@@ -33,8 +33,6 @@ from gtrain.errors import UserError
 from gtrain.models import create_model, get_model_entry
 from gtrain.models.summary import count_flops
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
 # Dense tensor-core peaks in TFLOP/s from NVIDIA's data sheets (their headline figures
 # are with 2:4 sparsity, twice these). fp32 is measured against the TF32 peak: PyTorch
 # runs convolutions in TF32 by default (torch.backends.cudnn.allow_tf32), though matmuls
@@ -124,8 +122,6 @@ def run_bench(
     ]:
         if value < least:
             raise UserError(f"{name} = {value}: must be at least {least}")
-    if precision not in PRECISIONS:
-        raise UserError(f"precision = {precision!r}: use one of {', '.join(PRECISIONS)}")
     device_ = runtime.resolve_device(device)
     precision = runtime.resolve_precision(precision, device_)
     if channels_last is None:

@@ -129,6 +129,17 @@ def eval_(
     overrides: SetOption = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[
+        Optional[str],
+        typer.Option(help="auto, fp32, bf16 or fp16 (default: the run's train.precision; auto for other weights)."),
+    ] = None,
+    channels_last: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--channels-last/--no-channels-last",
+            help="Memory format (default: the run's train.channels_last; auto for other weights).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
     tta: Annotated[
         str, typer.Option(help="Test-time augmentation: none, or flip (mean probability of the image and its mirror).")
@@ -139,15 +150,18 @@ def eval_(
     worst: Annotated[int, typer.Option(min=1, help="Classes to list in the worst-classes table.")] = 5,
 ) -> None:
     """Evaluate saved weights on a dataset split: top-1, top-5, loss, per-class precision and
-    recall, the worst classes and the confusion matrix."""
+    recall, the worst classes and the confusion matrix.
+
+    Weights in a run folder are scored as the run validated them (its precision and memory
+    format), so in fp32 the validation split gives the logged top-1 exactly."""
     from rich.text import Text
 
     from gtrain.evaluate import report_tables, run_eval
 
     try:
         report = run_eval(
-            path, split=split, overrides=overrides or [], batch_size=batch_size, device=device, tta=tta, plot=plot,
-            worst=worst,
+            path, split=split, overrides=overrides or [], batch_size=batch_size, device=device, precision=precision,
+            channels_last=channels_last, tta=tta, plot=plot, worst=worst,
         )  # fmt: skip
     except UserError as error:
         raise fail(error) from None
@@ -157,7 +171,8 @@ def eval_(
     console.print(
         f"{report['model']} on {report['dataset']} ({report['split']}, {report['images']:,} images): "
         f"top-1 {report['top1']:.2%}  top-5 {report['top5']:.2%}  loss {report['loss']:.4f}  "
-        f"{report['images_per_s']:,.0f} img/s" + (f"  tta {report['tta']}" if report["tta"] else ""),
+        f"{report['images_per_s']:,.0f} img/s  {report['device']} {report['precision']}"
+        + (f"  tta {report['tta']}" if report["tta"] else ""),
         highlight=False,
         markup=False,
     )
@@ -196,18 +211,29 @@ def recipes(
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of objects.")] = False,
 ) -> None:
-    """List every model: family, parameters, GFLOPs at its default input size."""
+    """List every model: family, parameters, GMACs (the papers' "FLOPs") at its input size.
+
+    Parameters are counted with the head for the class count the variant is published for."""
     from gtrain.models.summary import model_table
 
     rows = model_table()
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
         return
-    table = Table(title="models (gtrain fit --set model.name=NAME)")
-    for column, justify in [("name", "left"), ("family", "left"), ("params", "right"), ("GFLOPs", "right"), ("input", "right")]:
+    table = Table(
+        title="models (gtrain fit --set model.name=NAME)",
+        caption="GMACs: multiply-adds of one forward pass at the input size, the unit the papers call FLOPs",
+    )
+    columns = [("name", "left"), ("family", "left"), ("params", "right"), ("classes", "right"), ("GMACs", "right"),
+               ("input", "right")]  # fmt: skip
+    for column, justify in columns:
         table.add_column(column, justify=justify)
     for row in rows:
-        table.add_row(row["name"], row["family"], f"{row['params'] / 1e6:.2f}M", f"{row['gflops']:.2f}", f"{row['input_size']}px")
+        table.add_row(
+            row["name"], row["family"], f"{row['params'] / 1e6:.2f}M", str(row["num_classes"]), f"{row['gmacs']:.2f}",
+            f"{row['input_size']}px",
+        )  # fmt: skip
+
     console.print(table)
 
 

@@ -195,14 +195,18 @@ def run_eval(
     overrides: list[str],
     batch_size: int,
     device: str,
+    precision: str | None = None,
+    channels_last: bool | None = None,
     tta: str = "none",
     plot: Path | None = None,
     worst: int = 5,
 ) -> dict[str, Any]:
     """`gtrain eval`: weights + the dataset they were trained on (or `--set data.*`) -> report.
 
-    `plot`: also write the confusion matrix there as a PNG; `worst`: how many classes to list
-    as the worst.
+    Weights in a run folder are scored the way the run validated them: with its precision
+    and memory format (from its recipe.toml) unless `precision` / `channels_last` say
+    otherwise; weights elsewhere with "auto" for both. `plot`: also write the confusion
+    matrix there as a PNG; `worst`: how many classes to list as the worst.
     """
     from gtrain.data import build_eval_data
     from gtrain.loaders import make_eval_loader
@@ -216,13 +220,14 @@ def run_eval(
     if bad:
         raise UserError(f"--set {bad[0]!r}: eval only takes data.* overrides (data.root, data.dataset, ...)")
     model, meta, weights = load_model_for_eval(path)
-    run_recipe = path / "recipe.toml" if path.is_dir() else None
-    if run_recipe is not None and run_recipe.is_file():
-        document = parse_toml(run_recipe.read_text(), str(run_recipe))
-    else:
-        document = {"model": {"name": meta.model}, "data": {"dataset": meta.dataset}}
+    run_recipe = weights.parent / "recipe.toml"
+    document = parse_toml(run_recipe.read_text(), str(run_recipe)) if run_recipe.is_file() else {}
+    if document.get("model", {}).get("name") != meta.model:
+        # Not the run these weights came from (or no run at all): only the weights' own facts.
+        run_recipe, document = None, {"model": {"name": meta.model}, "data": {"dataset": meta.dataset}}
     apply_overrides(document, overrides)
-    data = validate_recipe(document, source=str(run_recipe or weights)).data
+    recipe = validate_recipe(document, source=str(run_recipe or weights))
+    data = recipe.data
 
     info, dataset = build_eval_data(
         data.dataset, root=Path(data.root), download=data.download, split=split, image_size=meta.image_size,
@@ -236,8 +241,10 @@ def run_eval(
     if tta == "flip":
         check_flip_keeps_the_class(info.name)
     device_ = runtime.resolve_device(device)
-    precision = runtime.resolve_precision("auto", device_)
-    channels_last = runtime.resolve_channels_last("auto", device_)  # as in training, so the numbers agree
+    # A run's own settings resolve here as they did in training; a bare file's are "auto".
+    precision = runtime.resolve_precision(precision or recipe.train.precision, device_, "--precision")
+    if channels_last is None:
+        channels_last = runtime.resolve_channels_last(recipe.train.channels_last, device_)
     model.to(device_)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -252,6 +259,9 @@ def run_eval(
         "dataset": info.name,
         "split": split,
         "tta": None if tta == "none" else tta,
+        "device": str(device_),
+        "precision": precision,
+        "channels_last": channels_last,
         "top1": result.top1,
         "top5": result.top5,
         "loss": result.loss,

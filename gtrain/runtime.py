@@ -27,10 +27,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-@functools.cache
+# "1" or "0" overrides what `cpu_has_native_bf16` reads from the CPU: with "1" a CPU without
+# bf16 resolves precision "auto" as one with it does (to check that path; emulated bf16 is
+# about 10x slower), with "0" a bf16 CPU resolves it as fp32.
+CPU_BF16_ENV = "GTRAIN_CPU_BF16"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 def cpu_has_native_bf16() -> bool:
     """avx512_bf16 or AMX: there bf16 autocast made a ResNeXt-50 training step 1.6x faster
     than fp32 (docs/benchmarks.md); without them bf16 is emulated and slower."""
+    setting = os.environ.get(CPU_BF16_ENV, "").strip()
+    if setting in ("0", "1"):
+        return setting == "1"
+    if setting:
+        raise UserError(f"{CPU_BF16_ENV}={setting!r}: set it to 1 (bf16 as on a bf16 CPU), 0 (fp32) or leave it unset")
+    return _cpu_flags_have_bf16()
+
+
+@functools.cache
+def _cpu_flags_have_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -38,13 +54,17 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, setting: str = "precision") -> str:
+    """"auto" becomes bf16 where the device computes it natively, else fp32. `setting` names
+    where the value came from, for the error message (train.precision, --precision)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"{setting} = {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise UserError("train.precision = 'fp16' needs a CUDA GPU; on CPU use bf16 (or auto)")
+        raise UserError(f"{setting} = 'fp16' needs a CUDA GPU; on CPU use bf16 (or auto)")
     return precision
 
 

@@ -298,7 +298,7 @@ def fit(
     paths = RunFolder(Path(run_dir))
     train, data_recipe = recipe.train, recipe.data
     device_ = distributed.local_device(runtime.resolve_device(device or train.device), world)
-    precision = runtime.resolve_precision(train.precision, device_)
+    precision = runtime.resolve_precision(train.precision, device_, "train.precision")
     channels_last = runtime.resolve_channels_last(train.channels_last, device_)
     # Each process draws its own augmentation; DDP copies rank 0's initial weights to all.
     runtime.seed_everything(train.seed + world.rank, train.deterministic)

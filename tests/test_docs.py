@@ -154,11 +154,15 @@ def test_tutorial_recipe_trains_on_an_image_folder_laid_out_as_the_tutorial_says
     monkeypatch.chdir(tmp_path)
     write_image_folder(Path(data["root"]), images_per_class={"train": 16, "val": 4, "test": 4}, size=16)
     Path(model["pretrained"]).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(create_model(model["name"], num_classes=1000).state_dict(), model["pretrained"])  # ImageNet's 1000
+    # Stands in for the published weights: ImageNet's 1000 classes, every BatchNorm scale non-zero.
+    published = create_model(model["name"], num_classes=1000, zero_init_last_bn=False)
+    torch.save(published.state_dict(), model["pretrained"])
     validate_recipe(document, source="README.md's tutorial recipe")
 
     Path("my_recipe.toml").write_text(match.group(1))
-    small = {"train.epochs": 1, "data.image_size": 16, "data.batch_size": 8, "data.workers": 0}
+    # fp32: bf16 autocast of ResNeXt-50 at 16 px (1x1 maps from stage 3 on) made the loss NaN in
+    # some runs and not others on a CPU with AMX; this test is about the tutorial, not that size.
+    small = {"train.epochs": 1, "data.image_size": 16, "data.batch_size": 8, "data.workers": 0, "train.precision": "fp32"}
     overrides = [arg for key, value in small.items() for arg in ("--set", f"{key}={value}")]
     result = runner.invoke(app, ["fit", "my_recipe.toml", *overrides, "--quiet"])
     assert result.exit_code == 0, result.output

@@ -115,7 +115,11 @@ def test_any_recipe_document_is_accepted_or_rejected_with_gtrains_own_error(docu
     try:
         validate_recipe(document)
     except UserError as error:
-        assert str(error).strip()
+        # One line per problem, each naming the section or key of the document it is about.
+        lines = str(error).splitlines()
+        problems = [line.strip(" -") for line in lines[1:]] if "problems" in lines[0] else lines
+        named = set(document) | {f"{section}.{key}" for section, keys in document.items() if isinstance(keys, dict) for key in keys}
+        assert problems and all(any(name in line for name in named) for line in problems), str(error)
 
 
 def test_model_settings_that_make_no_network_are_one_line():

@@ -61,8 +61,8 @@ def test_imagenet_variant_loads_torchvision_weights_and_gives_its_outputs(name):
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
 
 
-def test_zero_init_last_bn_zeroes_the_last_bn_of_every_block():
-    model = create_model("resnext29_2x16d", num_classes=10, zero_init_last_bn=True)
+def test_the_last_bn_of_every_block_starts_at_zero_by_default():
+    model = create_model("resnext29_2x16d", num_classes=10)
     blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
     assert len(blocks) == 9
     for block in blocks:
@@ -70,8 +70,8 @@ def test_zero_init_last_bn_zeroes_the_last_bn_of_every_block():
         assert torch.all(block.bn1.weight == 1) and torch.all(block.bn2.weight == 1)
 
 
-def test_last_bn_starts_at_one_by_default():
-    model = create_model("resnext29_2x16d", num_classes=10)
+def test_zero_init_last_bn_false_starts_the_last_bn_at_one_as_in_the_paper():
+    model = create_model("resnext29_2x16d", num_classes=10, zero_init_last_bn=False)
     for block in (m for m in model.modules() if isinstance(m, Bottleneck)):
         assert torch.all(block.bn3.weight == 1)
 

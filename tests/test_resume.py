@@ -86,8 +86,7 @@ def test_resume_is_bit_exact_with_training_features(tmp_path, fast):
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert_same_weights(load_file(run / "final.safetensors"), load_file(reference / "final.safetensors"))
-    if (reference / "final_ema.safetensors").exists():
-        assert_same_weights(load_file(run / "final_ema.safetensors"), load_file(reference / "final_ema.safetensors"))
+    assert_same_weights(load_file(run / "final_ema.safetensors"), load_file(reference / "final_ema.safetensors"))
 
 
 def test_kill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path, fast, uninterrupted):

@@ -22,6 +22,7 @@ class ModelEntry:
     family: str
     config: Any  # the family's frozen config dataclass
     model_class: type[nn.Module]
+    num_classes: int  # of the dataset the variant is published for: 1000 for ImageNet-1k
 
     @property
     def input_size(self) -> int:
@@ -31,11 +32,14 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_family(family: str, variants: dict[str, Any], model_class: type[nn.Module]) -> None:
+def register_family(
+    family: str, variants: dict[str, Any], model_class: type[nn.Module], num_classes: dict[str, int]
+) -> None:
+    """`num_classes`: the published class count of the variants not made for ImageNet-1k."""
     for name, config in variants.items():
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelEntry(name, family, config, model_class)
+        _REGISTRY[name] = ModelEntry(name, family, config, model_class, num_classes.get(name, 1000))
 
 
 def list_models() -> list[str]:

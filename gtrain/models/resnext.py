@@ -33,9 +33,11 @@ class ResNeXtConfig:
     # "cifar": one 3x3 stride-1 conv, no pool (4x overall), for 32 px and smaller images.
     stem: Literal["imagenet", "cifar"]
     input_size: int  # the image side, in pixels, that the variant was designed for
-    # Zero the last BN's scale in each block, so every block starts as the identity;
-    # Goyal et al. 2017 (arXiv:1706.02677) report +0.2-0.3% top-1 on ImageNet. Off in the paper.
-    zero_init_last_bn: bool = False
+    # Zero the last BN's scale in each block, so every block starts as the identity:
+    # Goyal et al. 2017 (arXiv:1706.02677) report +0.2-0.3% top-1 on ImageNet, and without
+    # it SGD at lr 0.05 from scratch blew up in epoch 1 (docs/benchmarks.md). On by default,
+    # as in timm; off in the paper (its recipes here turn it off). Loaded weights replace it.
+    zero_init_last_bn: bool = True
 
 
 class Bottleneck(nn.Module):
@@ -166,3 +168,6 @@ VARIANTS: dict[str, ResNeXtConfig] = {
     "resnext29_2x16d":   ResNeXtConfig((3, 3, 3),      2,  16, "cifar",    32),
     "resnext29_4x16d":   ResNeXtConfig((3, 3, 3),      4,  16, "cifar",    32),
 }
+# The CIFAR variants are counted with a CIFAR-10 head, as in the paper's Table 7 (8x64d:
+# 34.4M parameters); the others with ImageNet-1k's 1000 classes.
+NUM_CLASSES = {name: 10 for name, config in VARIANTS.items() if config.stem == "cifar"}

@@ -15,16 +15,19 @@ def count_flops(model: torch.nn.Module, input_size: int, in_chans: int = 3) -> i
     return counter.get_total_flops()
 
 
-def model_summary(name: str, num_classes: int = 1000) -> dict[str, Any]:
+def model_summary(name: str) -> dict[str, Any]:
+    """Parameters with the head for the variant's own dataset, and the forward cost of one
+    image in GMACs: multiply-adds, the unit the papers call "FLOPs" (ResNeXt-50: 4.2G)."""
     entry = get_model_entry(name)
     # On the meta device nothing is allocated or computed: shapes and FLOPs only.
     with torch.device("meta"):
-        model = create_model(name, num_classes=num_classes).eval()
+        model = create_model(name, num_classes=entry.num_classes).eval()
     return {
         "name": name,
         "family": entry.family,
         "params": sum(p.numel() for p in model.parameters()),
-        "gflops": count_flops(model, entry.input_size) / 1e9,
+        "num_classes": entry.num_classes,
+        "gmacs": count_flops(model, entry.input_size) / 2 / 1e9,
         "input_size": entry.input_size,
     }
 
