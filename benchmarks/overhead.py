@@ -42,12 +42,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gtrain import runtime
 from gtrain.distributed import World
-from gtrain.loaders import make_train_loader
+from gtrain.data.loaders import make_train_loader
 from gtrain.models import create_model
 from gtrain.optim import build_optimizer, build_scheduler
 from gtrain.progress import Reporter
 from gtrain.recipe import OptimSection
-from gtrain.train import StopRequest, train_steps
+from gtrain.train import StepSettings, StopRequest, train_steps
+from gtrain.training_run import TrainingRun
 
 NUM_CLASSES = 10
 WARMUP_STEPS = 3  # first-call allocation, oneDNN primitive and cuDNN kernel selection
@@ -61,19 +62,24 @@ def run_gtrain(model, dataset, *, args, device, precision, channels_last) -> flo
         dataset, global_batch=args.batch_size, seed=0, workers=0, pin_memory=device.type == "cuda"
     )
     optimizer = build_optimizer(model, OPTIM)
-    scheduler = build_scheduler(optimizer, steps_per_epoch=args.steps, epochs=2, optim=OPTIM)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    run = TrainingRun(
+        model=model, step_model=model, eval_model=model, optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, steps_per_epoch=args.steps, epochs=2, optim=OPTIM),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+    )  # fmt: skip
+    settings = StepSettings(
+        device=device, precision=precision, channels_last=channels_last, label_smoothing=0.0, clip_grad_norm=None,
+        accumulate_steps=1, mix=None, steps_per_epoch=args.steps, pause_after_s=math.inf, world=World(),
+    )  # fmt: skip
     # Not a terminal: the reporter takes its plain path, as under CI or with output to a file.
     reporter = Reporter(Console(file=io.StringIO()))
 
     def epoch(batches, global_step: int):
         reporter.epoch_start(1, 1, args.steps)
-        return train_steps(
-            model, batches, optimizer, scheduler, scaler,
-            device=device, precision=precision, channels_last=channels_last,
-            label_smoothing=0.0, clip_grad_norm=None, accumulate_steps=1, mix=None, ema=None, first_step=0, steps_per_epoch=args.steps,
-            global_step=global_step, reporter=reporter, pause_after_s=math.inf, stop=StopRequest(), world=World(),
-        )  # fmt: skip
+        totals, _ = train_steps(
+            run, batches, settings, first_step=0, global_step=global_step, reporter=reporter, stop=StopRequest()
+        )
+        return totals
 
     epoch(itertools.islice(loader, WARMUP_STEPS), global_step=0)
     sampler.set_epoch(1)

@@ -25,7 +25,9 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from gtrain import __version__, faults
-from gtrain.errors import UserError
+from gtrain.errors import UserError, error_line
+from gtrain.models import create_model
+from gtrain.run_folder import RunFolder
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -62,9 +64,6 @@ def write_text_atomic(path: Path, text: str) -> None:
 # Training state
 
 
-TRAINING_STATE_KEYS = frozenset({"model", "optimizer", "scheduler", "scaler", "progress", "rng", "recipe"})
-
-
 def save_state(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -77,11 +76,9 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt, truncated or a pickle that wants to run code
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot load {path}: not a valid gtrain checkpoint ({reason[:200]})") from None
-    missing = TRAINING_STATE_KEYS - set(state) if isinstance(state, dict) else TRAINING_STATE_KEYS
-    if missing:
-        raise UserError(f"cannot load {path}: not a gtrain training state (it lacks {', '.join(sorted(missing))})")
+        raise UserError(f"cannot load {path}: not a valid gtrain checkpoint ({error_line(error)})") from None
+    if not isinstance(state, dict):  # what it must hold is TrainingRun's to say
+        raise UserError(f"cannot load {path}: not a gtrain training state (a {type(state).__name__}, not a dict)")
     return state
 
 
@@ -169,3 +166,20 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Pat
         )
         raise UserError(f"{source} does not fit this model: {detail.rstrip(', ')}")
     model.load_state_dict(state_dict, strict=True)
+
+
+def load_model(path: Path) -> tuple[nn.Module, WeightsMeta, Path]:
+    """A run folder (its best weights, else final) or a .safetensors file -> model."""
+    path = Path(path)
+    if path.is_dir():
+        weights = RunFolder(path).eval_weights()
+        if weights is None:
+            raise UserError(f"{path} has no best.safetensors or final.safetensors: is it a gtrain run folder?")
+    elif path.exists():
+        weights = path
+    else:
+        raise UserError(f"{path} does not exist: give a run folder or a .safetensors file")
+    state_dict, meta = read_weights(weights)
+    model = create_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans, **meta.model_settings)
+    load_into(model, state_dict, weights)
+    return model, meta, weights

@@ -7,7 +7,6 @@ exit code 2; rich lives in this layer and in `progress`.
 import json
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gtrain.errors import UserError
+from gtrain.errors import UserError, error_line
 
 app = typer.Typer(
     help="Train grouped-convolution image classifiers (ResNeXt, HorNet) from TOML recipes.",
@@ -55,10 +54,9 @@ def fit(
 
     data.batch_size is the global batch: under torchrun each of N processes takes 1/N of it.
     """
-    from gtrain import distributed, runtime
+    from gtrain import distributed
     from gtrain.progress import Reporter
-    from gtrain.recipe import load_recipe
-    from gtrain.train import Interrupted, fit as run_fit
+    from gtrain.train import Interrupted, fit as run_fit, plan_fit
 
     if nproc is not None and not distributed.launched_by_torchrun():
         launch_torchrun(nproc)
@@ -66,33 +64,15 @@ def fit(
     reporter = Reporter(console if world.is_main else Console(quiet=True), quiet=quiet or not world.is_main)
     run_dir = resume or out
     try:
-        if resume is not None:
-            if recipe is not None or out is not None:
-                raise UserError(
-                    "--resume RUN_DIR continues that folder with its own recipe.toml: give no recipe and no --out with it"
-                )
-            if not (resume / "recipe.toml").is_file():
-                raise UserError(f"{resume} is not a gtrain run folder (no recipe.toml): give the folder `gtrain fit` wrote")
-            loaded, name = load_recipe(str(resume / "recipe.toml"), overrides or [])
-        else:
-            loaded, name = load_recipe(recipe or "quickstart", overrides or [])
-            run_dir = out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-            if (run_dir / "checkpoints" / "last.pt").exists():
-                raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --out")
-        world = distributed.init(runtime.resolve_device(device or loaded.train.device))
-        run_dir = distributed.broadcast_object(run_dir, world)  # one timestamp for all processes
-        run_fit(
-            loaded, run_dir, reporter=reporter, device=device, resume=resume is not None, world=world,
-            recipe_name="" if resume is not None else name,
-        )  # fmt: skip
+        loaded, paths, name = plan_fit(recipe, overrides or [], out=out, resume=resume)
+        run_dir = paths.root
+        run_fit(loaded, paths, reporter=reporter, device=device, resume=resume is not None, recipe_name=name)
     except UserError as error:
         reporter.close()
         raise (fail(error) if world.is_main else typer.Exit(UserError.exit_code)) from None
     except OSError as error:  # an unreadable or corrupt data file, a full disk
         reporter.close()
-        # From a DataLoader worker the message carries the worker's traceback: keep its last line.
-        cause = [line for line in str(error).splitlines() if line.strip()][-1:] or [type(error).__name__]
-        error = UserError(f"{cause[0].strip()}; fix or remove that file; nothing in {run_dir} was damaged")
+        error = UserError(f"{error_line(error, last=True)}; fix or remove that file; nothing in {run_dir} was damaged")
         raise (fail(error) if world.is_main else typer.Exit(UserError.exit_code)) from None
     except Interrupted as stop:
         reporter.close()
@@ -104,8 +84,6 @@ def fit(
         if world.is_main:
             error_console.print(f"stopped at once; the last checkpoint in {run_dir} is intact")
         raise typer.Exit(130) from None
-    finally:
-        distributed.shutdown(world)
 
 
 def launch_torchrun(nproc: int) -> None:
@@ -156,7 +134,8 @@ def eval_(
     format), so in fp32 the validation split gives the logged top-1 exactly."""
     from rich.text import Text
 
-    from gtrain.evaluate import report_tables, run_eval
+    from gtrain.eval_tables import report_tables
+    from gtrain.evaluate import run_eval
 
     try:
         report = run_eval(

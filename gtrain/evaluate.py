@@ -1,13 +1,12 @@
 """Evaluation: loss, top-1, top-5 and the confusion matrix over a whole split, and the
 report `gtrain eval` builds from them (per-class precision and recall, worst classes,
-a confusion-matrix plot).
+the most-confused pairs; gtrain/eval_tables.py lays it out as text).
 
 `evaluate` is used after every training epoch and by `gtrain eval`; it needs no training
 state and no process group.
 """
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +18,13 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from gtrain import runtime
-from gtrain.checkpoint import WeightsMeta, load_into, read_weights
+from gtrain.checkpoint import load_model
 from gtrain.distributed import World, all_reduce_sum
 from gtrain.errors import UserError
+from gtrain.run_folder import RunFolder
 
 # Test-time augmentation: "flip" also scores the horizontal mirror image.
 TTA_MODES = ("none", "flip")
-# Beyond this many classes a printed matrix no longer fits a terminal: list the most-confused pairs.
-MAX_PRINTED_MATRIX_CLASSES = 20
 
 
 @dataclass
@@ -168,26 +166,6 @@ def check_tta(tta: str) -> None:
         raise UserError(f"--tta {tta!r} is not a test-time augmentation: valid: {', '.join(TTA_MODES)}")
 
 
-def load_model_for_eval(path: Path) -> tuple[nn.Module, WeightsMeta, Path]:
-    """A run folder (its best weights, else final) or a .safetensors file -> model."""
-    from gtrain.models import create_model
-
-    path = Path(path)
-    if path.is_dir():
-        candidates = [path / "best.safetensors", path / "final.safetensors"]
-        weights = next((p for p in candidates if p.is_file()), None)
-        if weights is None:
-            raise UserError(f"{path} has no best.safetensors or final.safetensors: is it a gtrain run folder?")
-    elif path.exists():
-        weights = path
-    else:
-        raise UserError(f"{path} does not exist: give a run folder or a .safetensors file")
-    state_dict, meta = read_weights(weights)
-    model = create_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans, **meta.model_settings)
-    load_into(model, state_dict, weights)
-    return model, meta, weights
-
-
 def run_eval(
     path: Path,
     *,
@@ -208,25 +186,20 @@ def run_eval(
     otherwise; weights elsewhere with "auto" for both. `plot`: also write the confusion
     matrix there as a PNG; `worst`: how many classes to list as the worst.
     """
-    from gtrain.data import build_eval_data
-    from gtrain.loaders import make_eval_loader
-    from gtrain.recipe import apply_overrides, parse_toml, validate_recipe
+    from gtrain.data import build_eval_data, check_flip_keeps_the_class
+    from gtrain.data.loaders import make_eval_loader
 
     path, plot = Path(path), None if plot is None else Path(plot)
     check_tta(tta)
     if plot is not None:
+        from gtrain.plot import check_plot_path
+
         check_plot_path(plot)  # before the evaluation, which can take long, not after it
     bad = [o for o in overrides if not o.strip().startswith("data.")]
     if bad:
         raise UserError(f"--set {bad[0]!r}: eval only takes data.* overrides (data.root, data.dataset, ...)")
-    model, meta, weights = load_model_for_eval(path)
-    run_recipe = weights.parent / "recipe.toml"
-    document = parse_toml(run_recipe.read_text(), str(run_recipe)) if run_recipe.is_file() else {}
-    if document.get("model", {}).get("name") != meta.model:
-        # Not the run these weights came from (or no run at all): only the weights' own facts.
-        run_recipe, document = None, {"model": {"name": meta.model}, "data": {"dataset": meta.dataset}}
-    apply_overrides(document, overrides)
-    recipe = validate_recipe(document, source=str(run_recipe or weights))
+    model, meta, weights = load_model(path)
+    recipe = recipe_of(weights, meta, overrides)
     data = recipe.data
 
     info, dataset = build_eval_data(
@@ -253,13 +226,41 @@ def run_eval(
         model, loader, num_classes=meta.num_classes, device=device_, precision=precision, channels_last=channels_last,
         tta=tta,
     )  # fmt: skip
-    report = {
+    report = eval_report(result, meta, weights=weights, dataset=info.name, split=split, tta=tta, device=device_,
+                         precision=precision, channels_last=channels_last, worst=worst, plot=plot)  # fmt: skip
+    if plot is not None:
+        title = f"{meta.model} on {info.name} ({split}): top-1 {result.top1:.1%}"
+        from gtrain.plot import write_confusion_plot
+
+        write_confusion_plot(plot, result.confusion, meta.class_names, title=title)
+    return report
+
+
+def recipe_of(weights: Path, meta, overrides: list[str]):
+    """The recipe of the run the weights come from (their folder's recipe.toml, when it names
+    their model), else one made of the weights' own facts; with the `--set data.*` overrides."""
+    from gtrain.recipe import apply_overrides, parse_toml, validate_recipe
+
+    run_recipe = RunFolder(weights.parent).recipe
+    document = parse_toml(run_recipe.read_text(), str(run_recipe)) if run_recipe.is_file() else {}
+    if document.get("model", {}).get("name") != meta.model:
+        run_recipe, document = None, {"model": {"name": meta.model}, "data": {"dataset": meta.dataset}}
+    apply_overrides(document, overrides)
+    return validate_recipe(document, source=str(run_recipe or weights))
+
+
+def eval_report(
+    result: EvalResult, meta, *, weights: Path, dataset: str, split: str, tta: str, device: torch.device,
+    precision: str, channels_last: bool, worst: int, plot: Path | None,
+) -> dict[str, Any]:  # fmt: skip
+    """`gtrain eval --json`: what was scored, how, and everything measured."""
+    return {
         "model": meta.model,
         "weights": str(weights),
-        "dataset": info.name,
+        "dataset": dataset,
         "split": split,
         "tta": None if tta == "none" else tta,
-        "device": str(device_),
+        "device": str(device),
         "precision": precision,
         "channels_last": channels_last,
         "top1": result.top1,
@@ -273,86 +274,3 @@ def run_eval(
         "confusion_matrix": result.confusion,
         "plot": None if plot is None else str(plot),
     }
-    if plot is not None:
-        title = f"{meta.model} on {info.name} ({split}): top-1 {result.top1:.1%}"
-        from gtrain.plot import write_confusion_plot
-
-        write_confusion_plot(plot, result.confusion, meta.class_names, title=title)
-    return report
-
-
-def check_flip_keeps_the_class(dataset: str) -> None:
-    from gtrain.data import DATASETS, IMAGE_FOLDER_SPEC
-
-    # The dataset table says where training flips images; "ImageFolder" is the one name not in it.
-    if not DATASETS.get(dataset, IMAGE_FOLDER_SPEC).flip:
-        raise UserError(
-            f"--tta flip: {dataset} is trained without horizontal flips because a mirrored image can be "
-            "another class (a mirrored digit or sign); use --tta none"
-        )
-
-
-# ---------------------------------------------------------------------------------------
-# The report for a human: tables as strings (the CLI lays them out) and a confusion-matrix plot
-
-
-@dataclass(frozen=True)
-class TextTable:
-    title: str
-    columns: tuple[str, ...]
-    rows: list[tuple[str, ...]]
-    name_columns: int = 1  # the first columns hold names, the others numbers
-
-
-def report_tables(report: dict[str, Any]) -> list[TextTable]:
-    """The tables under the summary line of `gtrain eval`, from its JSON report."""
-    tables = [per_class_table(report)]
-    if report["worst_classes"]:
-        tables.append(worst_classes_table(report))
-    tables.append(confusion_table(report))
-    return tables
-
-
-def _percent(fraction: float | None) -> str:
-    return "-" if fraction is None else f"{fraction:.2%}"
-
-
-def per_class_table(report: dict[str, Any]) -> TextTable:
-    rows = [
-        (row["class"], str(row["images"]), _percent(row["precision"]), _percent(row["recall"]), _percent(row["f1"]))
-        for row in report["per_class"]
-    ]
-    return TextTable("per-class accuracy", ("class", "images", "precision", "recall (top-1)", "F1"), rows)
-
-
-def worst_classes_table(report: dict[str, Any]) -> TextTable:
-    rows = [
-        (row["class"], row["mistaken_for"], str(row["images"]), _percent(row["recall"]), str(row["mistaken_images"]))
-        for row in report["worst_classes"]
-    ]
-    columns = ("class", "mistaken most for", "images", "recall", "mistaken")
-    return TextTable("worst classes (lowest recall)", columns, rows, name_columns=2)
-
-
-def confusion_table(report: dict[str, Any]) -> TextTable:
-    names = [row["class"] for row in report["per_class"]]
-    if len(names) > MAX_PRINTED_MATRIX_CLASSES:
-        rows = [(pair["true"], pair["predicted"], str(pair["images"])) for pair in report["most_confused"]]
-        return TextTable(f"most confused of {len(names)} classes", ("true class", "predicted", "images"), rows, 2)
-    # Columns are numbered, not named, so that a matrix of up to 20 classes fits a terminal.
-    rows = [(f"{t} {name}", *map(str, counts)) for t, (name, counts) in enumerate(zip(names, report["confusion_matrix"]))]
-    columns = ("true \\ predicted", *map(str, range(len(names))))
-    return TextTable("confusion matrix (rows: true class, columns: predicted)", columns, rows)
-
-
-def check_plot_path(path: Path) -> None:
-    if path.suffix.lower() != ".png":
-        raise UserError(f"--plot {path}: the plot is a PNG image: give a path that ends in .png")
-    try:
-        import matplotlib  # noqa: F401  (an optional extra)
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'gtrain[plot]'") from None
-    # write_atomic creates missing folders: the nearest one that exists must take a new file.
-    folder = next(p for p in [path.parent, *path.parent.parents] if p.exists())
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise UserError(f"--plot {path}: cannot write in {folder}: choose a writable folder")

@@ -65,7 +65,7 @@ def export_model(
     path: Path, *, export_format: str, out: Path | None = None, batch_size: int = 2
 ) -> ExportResult:
     """Export the weights in a run folder (best, else final) or a .safetensors file, check, write."""
-    from gtrain.evaluate import load_model_for_eval
+    from gtrain.checkpoint import load_model
 
     if export_format not in SUFFIXES:
         raise UserError(f"unknown export format {export_format!r}: choose one of {', '.join(SUFFIXES)}")
@@ -73,7 +73,7 @@ def export_model(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if export_format == "onnx":
         require_onnx_exporter()
-    model, meta, weights = load_model_for_eval(path)
+    model, meta, weights = load_model(path)
     model.eval()
     target = output_path(out, weights, export_format)
     if target.resolve() == weights.resolve():

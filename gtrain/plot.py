@@ -9,10 +9,12 @@ drawn with the Agg canvas so that no display and no pyplot state are involved.
 """
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
 from gtrain.errors import UserError
+from gtrain.run_folder import RunFolder
 from gtrain.runs import read_metrics
 
 MISSING_MATPLOTLIB = "gtrain plot needs matplotlib: pip install 'gtrain[plot]'"
@@ -45,7 +47,7 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
 
 def load_curves(run_dir: Path) -> list[dict[str, Any]]:
     """The finished epochs of a run, in order; unreadable lines are left out."""
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunFolder(run_dir).metrics
     if not metrics.is_file():
         raise UserError(f"{run_dir} has no metrics.jsonl: give a run folder written by gtrain fit")
     rows, _ = read_metrics(metrics)
@@ -138,3 +140,15 @@ def _series(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[l
     kept = [row for row in rows if isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)]
     return [row["epoch"] for row in kept], [row[key] * scale for row in kept]
 
+
+def check_plot_path(path: Path) -> None:
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--plot {path}: the plot is a PNG image: give a path that ends in .png")
+    try:
+        import matplotlib  # noqa: F401  (an optional extra)
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'gtrain[plot]'") from None
+    # write_atomic creates missing folders: the nearest one that exists must take a new file.
+    folder = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UserError(f"--plot {path}: cannot write in {folder}: choose a writable folder")

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors_file
 from torch import nn
 
-from gtrain.errors import UserError
+from gtrain.errors import UserError, error_line
 from gtrain.models import create_model, list_models
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
@@ -116,7 +116,7 @@ def read_checkpoint(path: Path) -> Any:
         try:
             return load_safetensors_file(path)
         except (SafetensorError, ValueError, OSError) as error:
-            raise UserError(f"cannot read {path}: not a valid safetensors file ({_first_line(error)})") from None
+            raise UserError(f"cannot read {path}: not a valid safetensors file ({error_line(error, with_type=True)})") from None
     if path.suffix not in PICKLE_SUFFIXES:
         raise UserError(
             f"cannot read {path}: unknown checkpoint suffix {path.suffix!r}; expected .pth, .pt, .bin or .safetensors"
@@ -128,7 +128,7 @@ def read_checkpoint(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
-            raise UserError(f"cannot read {path}: not a PyTorch checkpoint ({_first_line(error)})") from None
+            raise UserError(f"cannot read {path}: not a PyTorch checkpoint ({error_line(error, with_type=True)})") from None
         # e.g. "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
         found = re.search(r"GLOBAL (\S+)", str(error))
         what = found.group(1) if found else "pickled objects"
@@ -137,7 +137,7 @@ def read_checkpoint(path: Path) -> Any:
             "if you trust its source, re-save just the weights with torch.save(model.state_dict(), ...)"
         ) from None
     except Exception as error:  # torch.load raises anything from EOFError to KeyError on a foreign file
-        raise UserError(f"cannot read {path}: not a PyTorch checkpoint, or truncated ({_first_line(error)})") from None
+        raise UserError(f"cannot read {path}: not a PyTorch checkpoint, or truncated ({error_line(error, with_type=True)})") from None
 
 
 def unwrap_state_dict(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -173,11 +173,6 @@ def _outline(checkpoint: Any) -> str:
         keys = [repr(k) for k in list(checkpoint)[:6]]
         return f"a dict with keys {', '.join(keys)}" if keys else "an empty dict"
     return f"a {type(checkpoint).__name__}"
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- matching

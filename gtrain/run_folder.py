@@ -17,6 +17,7 @@ where a file is written.
 
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,9 +27,37 @@ from typing import Any
 from gtrain.errors import UserError
 
 
+# A run folder gtrain names itself: runs/<recipe>-<local start time>.
+NAME_TIME_FORMAT = "%Y%m%d-%H%M%S"
+_DEFAULT_NAME = re.compile(r"^(?P<recipe>.+)-(?P<stamp>\d{8}-\d{6})$")
+
+
 @dataclass(frozen=True)
 class RunFolder:
     root: Path
+
+    @classmethod
+    def new_default(cls, recipe_name: str, parent: Path = Path("runs")) -> "RunFolder":
+        """The folder `gtrain fit` writes to when it is given no --out."""
+        return cls(parent / f"{recipe_name}-{datetime.now():{NAME_TIME_FORMAT}}")
+
+    def parse_default_name(self) -> tuple[str, datetime] | None:
+        """(recipe name, start time) of a folder named by `new_default`, else None."""
+        match = _DEFAULT_NAME.match(self.root.resolve().name)
+        if not match:
+            return None
+        try:
+            return match["recipe"], datetime.strptime(match["stamp"], NAME_TIME_FORMAT)
+        except ValueError:  # digits in the right places, but not a date (a hand-named folder)
+            return None
+
+    def holds_a_run(self) -> bool:
+        """A run was started here: it has a checkpoint to continue from."""
+        return self.last.exists()
+
+    def eval_weights(self) -> Path | None:
+        """The weights `gtrain eval` scores for the folder: the best, else the final ones."""
+        return next((p for p in (self.best, self.final) if p.is_file()), None)
 
     @property
     def recipe(self) -> Path:

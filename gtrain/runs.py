@@ -19,7 +19,6 @@ checked from here.
 import json
 import math
 import os
-import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -35,10 +34,6 @@ STATUSES = ("running", "finished", "interrupted", "failed")
 
 # runs/<group>/<sweep>/<run> is as deep as people nest runs; deeper search only costs time.
 SEARCH_DEPTH = 3
-
-# `gtrain fit` names a run folder <recipe>-<YYYYMMDD>-<HHMMSS> unless given --out.
-DEFAULT_FOLDER_NAME = re.compile(r"^(?P<recipe>.+)-(?P<stamp>\d{8}-\d{6})$")
-
 
 @dataclass
 class RunSummary:
@@ -152,10 +147,9 @@ def summary_from_files(folder: Path, root: Path) -> RunSummary:
     epochs = _section(recipe, "train").get("epochs")
     summary.epochs = epochs if _is_int(epochs) else None
 
-    default_name = DEFAULT_FOLDER_NAME.match(folder.resolve().name)
+    default_name = paths.parse_default_name()
     if default_name:
-        summary.recipe = default_name["recipe"]
-        summary.started = _parse_stamp(default_name["stamp"])
+        summary.recipe, summary.started = default_name
     if summary.started is None:  # recipe.toml is written when the run starts (and again on each resume)
         summary.started = _modified_time(paths.recipe)
 
@@ -273,13 +267,6 @@ def _parse_time(value: Any) -> datetime | None:
         return None
     # Local time without a zone, so that runs with and without an offset sort together.
     return moment.astimezone().replace(tzinfo=None) if moment.tzinfo else moment
-
-
-def _parse_stamp(stamp: str) -> datetime | None:
-    try:
-        return datetime.strptime(stamp, "%Y%m%d-%H%M%S")
-    except ValueError:  # digits in the right places, but not a date (a hand-named folder)
-        return None
 
 
 def _modified_time(path: Path) -> datetime | None:

@@ -1,8 +1,10 @@
-"""`gtrain fit`: a recipe becomes a model, loaders and a training loop.
+"""`gtrain fit`: a recipe becomes a run, and the run is trained epoch by epoch.
 
-`fit` sets the run up and walks the epochs; `train_steps` is the loop itself, read top
-to bottom: batch, forward, loss, backward, step, log. Everything else (precision, memory
-format, checkpoints, distribution, progress) is a small helper they call.
+`fit` reads top to bottom: set up, then for each epoch train it and end it (validate,
+log, keep the best weights, checkpoint), then finish. `train_steps` is the loop itself:
+batch, forward, loss, backward, step, log. What the run trains and where it stands lives
+in `TrainingRun` (gtrain/training_run.py); precision, memory format, distribution and
+progress are small helpers they call.
 
 An epoch may be trained in several segments: a segment ends at the epoch's end, at a
 stop signal or after `train.checkpoint_minutes`; the run is checkpointed between
@@ -10,10 +12,9 @@ segments, so continuing after a pause and resuming after a crash take the same p
 """
 
 import contextlib
-import random
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,39 +24,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from gtrain import distributed, faults, runtime
-from gtrain.checkpoint import WeightsMeta, load_into, load_state, save_state, save_weights, write_text_atomic
-from gtrain.data import DataBundle, batch_mix, build_data
+from gtrain.checkpoint import WeightsMeta, load_state, save_state, save_weights, write_text_atomic
+from gtrain.data import DatasetInfo, batch_mix, build_data
+from gtrain.data.loaders import EpochSampler, build_loaders
 from gtrain.distributed import World
-from gtrain.ema import WeightEMA
-from gtrain.errors import UserError
+from gtrain.errors import UserError, error_line
 from gtrain.evaluate import evaluate
-from gtrain.loaders import EpochSampler, make_eval_loader, make_train_loader
-from gtrain.memory_loader import InMemoryLoader, load_uint8
-from gtrain.models import create_model
-from gtrain.optim import build_optimizer, build_scheduler
 from gtrain.progress import EpochRow, Reporter, format_seconds
-from gtrain.recipe import SAFE_TO_CHANGE_ON_RESUME, Recipe, unsafe_changes
+from gtrain.recipe import SAFE_TO_CHANGE_ON_RESUME, Recipe, load_recipe, unsafe_changes
 from gtrain.run_folder import MetricsLog, RunFolder, RunStatus, require_tensorboard
-
-
-@dataclass
-class Progress:
-    """Where the run is: everything besides the modules that a resume needs."""
-
-    epoch: int = 0  # epochs completed
-    step_in_epoch: int = 0  # optimizer steps done in the current (unfinished) epoch
-    epoch_loss_sum: float = 0.0  # sum of the per-step losses of those steps
-    epoch_images: int = 0
-    epoch_seconds: float = 0.0
-    epoch_data_wait_s: float = 0.0
-    best_top1: float = -1.0
-    best_epoch: int = 0
-    best_top1_ema: float = -1.0  # of the weight average, with train.ema_decay
-    best_epoch_ema: int = 0
-    stopped_early: bool = False  # by train.early_stopping_patience
-    elapsed_s: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)  # the rows of metrics.jsonl
-
+from gtrain.training_run import EpochTotals, TrainingRun, build_training_run
 
 class StopRequest:
     """First SIGINT/SIGTERM: finish the current step, checkpoint, exit. Second SIGINT:
@@ -97,43 +75,31 @@ class NonFiniteLoss(Exception):
         self.step = step
 
 
-@dataclass
-class Segment:
-    """What one call of `train_steps` did."""
+@dataclass(frozen=True)
+class StepSettings:
+    """How every step of a run is taken: fixed when the run is set up."""
 
-    steps: int
-    loss_sum: float
-    images: int
-    seconds: float
-    data_wait_s: float  # of `seconds`, spent waiting for the data loader
-    stopped: bool  # by a signal (on any process)
+    device: torch.device
+    precision: str  # resolved: fp32, bf16 or fp16
+    channels_last: bool
+    label_smoothing: float
+    clip_grad_norm: float | None
+    accumulate_steps: int
+    mix: Any  # MixUp / CutMix of a batch on the device, or None
+    steps_per_epoch: int
+    pause_after_s: float  # end a segment this long after it began, to checkpoint
+    world: World
 
 
 def train_steps(
-    model: nn.Module,
-    loader,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    scaler: torch.amp.GradScaler,
-    *,
-    device: torch.device,
-    precision: str,
-    channels_last: bool,
-    label_smoothing: float,
-    clip_grad_norm: float | None,
-    accumulate_steps: int,
-    mix,
-    ema: WeightEMA | None,
-    first_step: int,
-    steps_per_epoch: int,
-    global_step: int,
-    reporter: Reporter,
-    pause_after_s: float,
-    stop: StopRequest,
-    world: World,
-) -> Segment:
-    """Train from step `first_step` of the epoch to its end, or until a stop request or
-    `pause_after_s` seconds (then the caller checkpoints and calls again)."""
+    run: TrainingRun, loader, settings: StepSettings, *, first_step: int, global_step: int, reporter: Reporter,
+    stop: "StopRequest",
+) -> tuple[EpochTotals, bool]:  # fmt: skip
+    """Train from step `first_step` of the epoch to its end, or until a stop request (then the
+    second value is True, on every process) or `settings.pause_after_s` seconds; the caller
+    checkpoints and calls again."""
+    device, world, steps_per_epoch = settings.device, settings.world, settings.steps_per_epoch
+    model, optimizer, scaler = run.step_model, run.optimizer, run.scaler
     model.train()
     loss_sum = torch.zeros((), device=device)
     # The step of the first non-finite loss, found without a device sync per step.
@@ -145,16 +111,18 @@ def train_steps(
     step_end = start
     for inputs, targets in loader:
         data_wait_s += time.perf_counter() - step_end  # the loop stood still waiting for this batch
-        inputs, targets = runtime.to_device(inputs, targets, device, channels_last)
-        if mix is not None:
-            inputs, targets = mix(inputs, targets)  # targets become soft labels (N, classes)
+        inputs, targets = runtime.to_device(inputs, targets, device, settings.channels_last)
+        if settings.mix is not None:
+            inputs, targets = settings.mix(inputs, targets)  # targets become soft labels (N, classes)
 
         loss = torch.zeros((), device=device)
-        for index, (chunk_inputs, chunk_targets, share, last) in enumerate(micro_batches(inputs, targets, accumulate_steps)):
+        for index, (chunk_inputs, chunk_targets, share, last) in enumerate(
+            micro_batches(inputs, targets, settings.accumulate_steps)
+        ):
             with distributed.gradient_sync(model, last):
-                with runtime.autocast(device, precision):
+                with runtime.autocast(device, settings.precision):
                     logits = model(chunk_inputs)
-                chunk_loss = F.cross_entropy(logits.float(), chunk_targets, label_smoothing=label_smoothing)
+                chunk_loss = F.cross_entropy(logits.float(), chunk_targets, label_smoothing=settings.label_smoothing)
                 if share != 1.0:
                     # Each chunk's mean loss weighted by its share of the batch: the gradients
                     # sum to those of the whole batch's mean loss.
@@ -165,14 +133,14 @@ def train_steps(
                     optimizer.zero_grad(set_to_none=True)
                 scaler.scale(chunk_loss).backward()
             loss += chunk_loss.detach()
-        if clip_grad_norm is not None:
+        if settings.clip_grad_norm is not None:
             scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            nn.utils.clip_grad_norm_(run.model.parameters(), settings.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update()
+        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update()
 
         loss_sum += loss
         first_bad_step.copy_(torch.where((first_bad_step < 0) & ~loss.isfinite(), global_step + steps + 1, first_bad_step))
@@ -186,15 +154,14 @@ def train_steps(
             last_report = now
             if not world.distributed and first_bad_step.item() >= 0:  # distributed: checked below, together
                 raise NonFiniteLoss(first_bad_step.item())
-            rate = images / (now - start)
             eta_s = (steps_per_epoch - step) * (now - start) / steps
-            reporter.step(step, loss.item(), optimizer.param_groups[0]["lr"], rate, eta_s)
+            reporter.step(step, loss.item(), run.lr, images / (now - start), eta_s)
         # Every process must leave at the same step, or the next collective deadlocks. Agreeing
         # is an all-reduce plus, on GPUs, a host sync that drains the kernel queue: there it is
         # done every few steps (the same steps on every process, counted within the epoch).
         if device.type == "cpu" or step % AGREE_EVERY_GPU_STEPS == 0 or step == steps_per_epoch:
             bad = world.distributed and first_bad_step.item() >= 0
-            stopped, paused, bad = distributed.agree([bool(stop), now - start > pause_after_s, bad], device, world)
+            stopped, paused, bad = distributed.agree([bool(stop), now - start > settings.pause_after_s, bad], device, world)
             if bad:
                 raise NonFiniteLoss(first_bad_step.item())
             if stopped or paused:
@@ -204,7 +171,8 @@ def train_steps(
         raise NonFiniteLoss(first_bad_step.item())
     # Under torchrun: the loss over all processes' images, and all of their images.
     loss_sum = distributed.all_reduce_sum(loss_sum, world) / world.size
-    return Segment(steps, loss_sum.item(), images * world.size, time.perf_counter() - start, data_wait_s, stopped)
+    totals = EpochTotals(steps, loss_sum.item(), images * world.size, time.perf_counter() - start, data_wait_s)
+    return totals, stopped
 
 
 def micro_batches(inputs: torch.Tensor, targets: torch.Tensor, count: int):
@@ -217,7 +185,7 @@ def micro_batches(inputs: torch.Tensor, targets: torch.Tensor, count: int):
         yield chunk_inputs, chunk_targets, len(chunk_targets) / len(targets), index == len(chunks) - 1
 
 
-def non_finite_error(step: int, paths: "RunFolder") -> UserError:
+def non_finite_error(step: int, paths: RunFolder) -> UserError:
     kept = f"the last good checkpoint {paths.last} is kept" if paths.last.exists() else "no checkpoint had been written yet"
     return UserError(
         f"the training loss became NaN or infinite at step {step}; {kept}. Try a lower optim.lr, "
@@ -225,84 +193,119 @@ def non_finite_error(step: int, paths: "RunFolder") -> UserError:
     )
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+# ---------------------------------------------------------------------------------------
+# fit: set up, train and end each epoch, finish
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        # The run may resume on a machine that sees fewer GPUs than the one that saved it.
-        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, index)
-
-
-def make_loaders(data: DataBundle, recipe: Recipe, batch_size: int, device: torch.device, world: World):
-    """(train loader, its sampler, val loader) yielding `batch_size` images per process: on
-    the device for small fixed-size datasets, else DataLoaders with workers."""
-    shard = dict(rank=world.rank, world_size=world.size)
-    in_memory = recipe.data.in_memory == "on" or (recipe.data.in_memory == "auto" and data.augmentation is not None)
-    if not in_memory:
-        pin_memory = device.type == "cuda"
-        train_loader, sampler = make_train_loader(
-            data.train, global_batch=recipe.data.batch_size, seed=recipe.train.seed, workers=recipe.data.workers,
-            pin_memory=pin_memory, **shard,
-        )  # fmt: skip
-        val_loader = make_eval_loader(
-            data.val, batch_size=batch_size, workers=recipe.data.workers,
-            pin_memory=pin_memory, **shard,
-        )  # fmt: skip
-        return train_loader, sampler, val_loader
-    if data.augmentation is None:
-        per_image = recipe.data.auto_augment != "none" or recipe.data.random_erasing > 0
-        reason = "data.auto_augment and data.random_erasing run per image" if per_image else (
-            f"it is for small fixed-size datasets, which {data.info.name} is not"
-        )
-        raise UserError(f"data.in_memory = 'on' cannot be used: {reason}; set data.in_memory = 'auto' or 'off'")
-    info = data.info
-    sampler = EpochSampler(len(data.train), recipe.train.seed, global_batch=recipe.data.batch_size, **shard)
-    train_images, train_labels = load_uint8(data.train, info.image_size, device)
-    val_images, val_labels = load_uint8(data.val, info.image_size, device)
-    normalize = dict(mean=info.mean, std=info.std)
-    train_loader = InMemoryLoader(
-        train_images, train_labels, batch_size=batch_size, sampler=sampler,
-        augmentation=data.augmentation, seed=recipe.train.seed, **normalize,
-    )  # fmt: skip
-    # Process r evaluates images r, r + N, ...: each once, as with the DataLoader path.
-    val_loader = InMemoryLoader(
-        val_images[world.rank :: world.size], val_labels[world.rank :: world.size],
-        batch_size=batch_size, **normalize,
-    )  # fmt: skip
-    return train_loader, sampler, val_loader
+def plan_fit(
+    recipe: str | None, overrides: list[str], *, out: Path | None, resume: Path | None
+) -> tuple[Recipe, RunFolder, str]:
+    """What `gtrain fit` trains and where, and the recipe's name: a new run of `recipe`
+    (default: quickstart) in `out` (default: runs/<recipe>-<start time>), or with `resume`
+    the run in that folder, with its own recipe."""
+    if resume is not None:
+        if recipe is not None or out is not None:
+            raise UserError(
+                "--resume RUN_DIR continues that folder with its own recipe.toml: give no recipe and no --out with it"
+            )
+        paths = RunFolder(resume)
+        if not paths.recipe.is_file():
+            raise UserError(f"{resume} is not a gtrain run folder (no recipe.toml): give the folder `gtrain fit` wrote")
+        loaded, _ = load_recipe(str(paths.recipe), overrides)
+        return loaded, paths, ""
+    loaded, name = load_recipe(recipe or "quickstart", overrides)
+    paths = RunFolder(out) if out is not None else RunFolder.new_default(name)
+    if paths.holds_a_run():
+        raise UserError(f"{paths.root} already holds a run: continue it with --resume {paths.root}, or pick another --out")
+    return loaded, paths, name
 
 
 def fit(
     recipe: Recipe,
-    run_dir: Path,
+    paths: RunFolder,
     *,
     reporter: Reporter,
     device: str | None = None,
     resume: bool = False,
-    world: World = World(),
     recipe_name: str = "",
 ) -> dict[str, Any]:
-    """Train `recipe` into `run_dir`; with `resume`, continue from its last checkpoint.
+    """Train `recipe` into the run folder `paths`; with `resume`, continue from its last checkpoint.
 
-    Under torchrun (`world`), every process runs this function; only the main one
-    reports and writes files.
+    Under torchrun every process runs this function, in the process group it joins here;
+    only the main one reports and writes files, in the main one's `paths`.
     """
-    paths = RunFolder(Path(run_dir))
-    train, data_recipe = recipe.train, recipe.data
-    device_ = distributed.local_device(runtime.resolve_device(device or train.device), world)
-    precision = runtime.resolve_precision(train.precision, device_, "train.precision")
-    channels_last = runtime.resolve_channels_last(train.channels_last, device_)
+    device_ = runtime.resolve_device(device or recipe.train.device)
+    world = distributed.init(device_)
+    try:
+        paths = distributed.broadcast_object(paths, world)  # one start time in the folder's name for all
+        job = set_up(recipe, paths, reporter, device=distributed.local_device(device_, world), resume=resume,
+                     world=world, recipe_name=recipe_name)  # fmt: skip
+        return train_and_finish(job, resume)
+    finally:
+        distributed.shutdown(world)
+
+
+def train_and_finish(job: "FitSetup", resume: bool) -> dict[str, Any]:
+    recipe, reporter, world = job.recipe, job.reporter, job.world
+    progress = job.run.progress
+    reporter.start(start_facts(job, resume))
+    run_start = time.perf_counter() - progress.elapsed_s
+    with recording(job.status), StopRequest() as stop, contextlib.closing(job.metrics_log):
+        job.status.update(
+            status="running", epochs_done=progress.epoch, elapsed_s=progress.elapsed_s,
+            best_top1=progress.best_top1 if progress.history else None, best_epoch=progress.best_epoch or None,
+        )  # fmt: skip
+        for epoch in range(progress.epoch, recipe.train.epochs):
+            train_epoch(job, epoch, stop, run_start)
+            end_epoch(job, epoch, run_start)
+            if progress.stopped_early:
+                break
+            last_epoch = epoch + 1 == recipe.train.epochs  # then finish: only the final weights are left to write
+            if not last_epoch and distributed.agree([bool(stop)], job.settings.device, world)[0]:
+                raise Interrupted(stop.signum or signal.SIGTERM)
+        job.save_weights(job.paths.final, job.run.model)
+        if job.run.ema is not None:
+            job.save_weights(job.paths.final_ema, job.run.ema.module)
+        job.status.update(status="finished", stopped_early=progress.stopped_early)
+    return summarize(job)
+
+
+@dataclass
+class FitSetup:
+    """One `gtrain fit`, ready to train: the run, how it steps, its data and its records."""
+
+    recipe: Recipe
+    paths: RunFolder
+    world: World
+    reporter: Reporter
+    run: TrainingRun
+    settings: StepSettings
+    info: DatasetInfo
+    train_images: int
+    val_images: int
+    loaders: tuple[Any, EpochSampler, Any]  # train loader, its sampler, val loader
+    meta: WeightsMeta  # what every saved weights file says about itself
+    metrics_log: MetricsLog
+    status: RunStatus
+    pretrained: Any = None  # the report of model.pretrained's loading, or None
+
+    def checkpoint(self) -> None:
+        if self.world.is_main:
+            save_state(self.paths.last, self.run.state_dict())
+
+    def save_weights(self, path: Path, module: nn.Module) -> None:
+        if self.world.is_main:
+            save_weights(path, module, self.meta)
+
+
+def set_up(
+    recipe: Recipe, paths: RunFolder, reporter: Reporter, *, device: torch.device, resume: bool, world: World,
+    recipe_name: str,
+) -> FitSetup:  # fmt: skip
+    train, device_ = recipe.train, device
     # Each process draws its own augmentation; DDP copies rank 0's initial weights to all.
     runtime.seed_everything(train.seed + world.rank, train.deterministic)
-    per_process_batch = distributed.per_process_batch(data_recipe.batch_size, world)
+    per_process_batch = distributed.per_process_batch(recipe.data.batch_size, world)
     if train.accumulate_steps > per_process_batch:
         raise UserError(
             f"train.accumulate_steps = {train.accumulate_steps} is more micro-batches than the {per_process_batch} "
@@ -311,228 +314,187 @@ def fit(
     if recipe.log.tensorboard and world.is_main:
         require_tensorboard()  # before any work: the run would fail at its first epoch's end
 
+    data = load_data(recipe, world)
+    info = data.info
+    steps_per_epoch = len(data.train) // recipe.data.batch_size
+    channels_last = runtime.resolve_channels_last(train.channels_last, device_)
+    run, pretrained = build_training_run(
+        recipe, num_classes=info.num_classes, in_chans=info.in_chans, steps_per_epoch=steps_per_epoch, device=device_,
+        channels_last=channels_last, world=world, pretrained=bool(recipe.model.pretrained) and not resume,
+    )  # fmt: skip
+    loaders = build_loaders(
+        data, in_memory=recipe.data.in_memory, global_batch=recipe.data.batch_size, seed=train.seed,
+        workers=recipe.data.workers, device=device_, world=world,
+    )  # fmt: skip
+    settings = StepSettings(
+        device=device_, precision=runtime.resolve_precision(train.precision, device_, "train.precision"),
+        channels_last=channels_last, label_smoothing=train.label_smoothing, clip_grad_norm=recipe.optim.clip_grad_norm,
+        accumulate_steps=train.accumulate_steps, steps_per_epoch=steps_per_epoch,
+        mix=batch_mix(mixup_alpha=recipe.data.mixup_alpha, cutmix_alpha=recipe.data.cutmix_alpha, num_classes=info.num_classes),
+        pause_after_s=train.checkpoint_minutes * 60, world=world,
+    )  # fmt: skip
+    if resume:
+        resume_run(run, recipe, paths, world, steps_per_epoch)
+    if world.is_main:
+        write_text_atomic(paths.recipe, recipe.to_toml())
+    facts = {"recipe": recipe_name, "model": recipe.model.name, "dataset": info.name, "epochs": train.epochs}
+    meta = WeightsMeta(
+        model=recipe.model.name, num_classes=info.num_classes, in_chans=info.in_chans, image_size=info.image_size,
+        mean=info.mean, std=info.std, class_names=info.class_names, dataset=info.name,
+        model_settings=recipe.model_overrides(),
+    )  # fmt: skip
+    return FitSetup(
+        recipe=recipe, paths=paths, world=world, reporter=reporter, run=run, settings=settings, info=info,
+        train_images=len(data.train), val_images=len(data.val), loaders=loaders, meta=meta,
+        metrics_log=MetricsLog(paths, tensorboard=recipe.log.tensorboard, enabled=world.is_main),
+        status=RunStatus(paths, facts, enabled=world.is_main), pretrained=pretrained,
+    )  # fmt: skip
+
+
+def load_data(recipe: Recipe, world: World):
+    data_recipe = recipe.data
     # Under torchrun the main process downloads alone; the others wait, then read its copy.
     with distributed.main_process_first(world):
         data = build_data(
-            data_recipe.dataset,
-            root=Path(data_recipe.root),
-            download=data_recipe.download and world.is_main,
-            image_size=data_recipe.image_size,
-            augment=data_recipe.augment,
-            val_split=data_recipe.val_split,
-            auto_augment=data_recipe.auto_augment,
-            random_erasing=data_recipe.random_erasing,
-        )
-    info = data.info
+            data_recipe.dataset, root=Path(data_recipe.root), download=data_recipe.download and world.is_main,
+            image_size=data_recipe.image_size, augment=data_recipe.augment, val_split=data_recipe.val_split,
+            auto_augment=data_recipe.auto_augment, random_erasing=data_recipe.random_erasing,
+        )  # fmt: skip
     if len(data.train) < data_recipe.batch_size:
         raise UserError(
             f"data.batch_size = {data_recipe.batch_size} is larger than the {len(data.train)} training images "
-            f"of {info.name}: lower data.batch_size"
+            f"of {data.info.name}: lower data.batch_size"
         )
-    model = create_model(
-        recipe.model.name, num_classes=info.num_classes, in_chans=info.in_chans, **recipe.model_overrides()
-    )
-    pretrained = None
-    if recipe.model.pretrained and not resume:  # a resumed run has its own weights
-        from gtrain.pretrained import load_pretrained
+    return data
 
-        pretrained = load_pretrained(model, Path(recipe.model.pretrained))
-    model.to(device_)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    trained_model = distributed.wrap(model, train.sync_bn, device_, world)
-    # After the wrap: DDP has given every process the main process's initial weights.
-    ema = WeightEMA(model, train.ema_decay) if train.ema_decay else None
-    # Compiled for speed, while checkpoints keep reading the plain module's state_dict.
-    step_model = torch.compile(trained_model) if train.compile else trained_model
-    eval_model = torch.compile(model) if train.compile else model
-    mix = batch_mix(mixup_alpha=data_recipe.mixup_alpha, cutmix_alpha=data_recipe.cutmix_alpha, num_classes=info.num_classes)
 
-    train_loader, sampler, val_loader = make_loaders(data, recipe, per_process_batch, device_, world)
-    steps_per_epoch = len(data.train) // data_recipe.batch_size
-    optimizer = build_optimizer(model, recipe.optim)
-    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=train.epochs, optim=recipe.optim)
-    scaler = torch.amp.GradScaler(device_.type, enabled=precision == "fp16")
-    progress = Progress()
+def resume_run(run: TrainingRun, recipe: Recipe, paths: RunFolder, world: World, steps_per_epoch: int) -> None:
+    state = load_state(paths.last)
+    run.check_state(state, paths.last)
+    check_resumable(state, recipe, paths)
+    run.load_state_dict(state, paths.last)
+    progress = run.progress
+    progress.stopped_early = False  # check_resumable let it go on
+    if world.rank:  # the checkpoint holds the main process's random state; others branch off it
+        step = progress.epoch * steps_per_epoch + progress.this_epoch.steps
+        torch.manual_seed(recipe.train.seed + 1_000_003 * world.rank + step)
 
-    if resume:
-        state = load_state(paths.last)
-        check_resumable(state, recipe, paths)
-        load_into(model, state["model"], paths.last)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        progress = Progress(**state["progress"])
-        progress.stopped_early = False  # check_resumable let it go on
-        set_rng_state(state["rng"])
-        if world.rank:  # the checkpoint holds the main process's random state; others branch off it
-            torch.manual_seed(train.seed + 1_000_003 * world.rank + progress.epoch * steps_per_epoch + progress.step_in_epoch)
-    if world.is_main:
-        write_text_atomic(paths.recipe, recipe.to_toml())
-    metrics_log = MetricsLog(paths, tensorboard=recipe.log.tensorboard, enabled=world.is_main)
-    status = RunStatus(
-        paths,
-        {"recipe": recipe_name, "model": recipe.model.name, "dataset": info.name, "epochs": train.epochs},
-        enabled=world.is_main,
-    )
 
-    meta = WeightsMeta(
-        model=recipe.model.name,
-        num_classes=info.num_classes,
-        in_chans=info.in_chans,
-        image_size=info.image_size,
-        mean=info.mean,
-        std=info.std,
-        class_names=info.class_names,
-        dataset=info.name,
-        model_settings=recipe.model_overrides(),
-    )
-
-    def checkpoint() -> None:
-        if not world.is_main:
-            return
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "progress": vars(progress),
-            "rng": rng_state(),
-            "recipe": recipe.to_dict(),
-        }
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        save_state(paths.last, state)
-
-    params = sum(p.numel() for p in model.parameters())
-    micro = -(-per_process_batch // train.accumulate_steps)
+def start_facts(job: FitSetup, resume: bool) -> dict[str, str]:
+    """The start panel: what is trained, on what, how, and where it is written."""
+    recipe, info, settings, world = job.recipe, job.info, job.settings, job.world
+    batch, accumulate = recipe.data.batch_size, settings.accumulate_steps
+    per_process = batch // world.size
+    params = sum(p.numel() for p in job.run.model.parameters())
+    progress = job.run.progress
     facts = {
         "model": f"{recipe.model.name} ({params / 1e6:.2f}M parameters)",
-        "dataset": f"{info.name}: {len(data.train):,} train / {len(data.val):,} val images, "
+        "dataset": f"{info.name}: {job.train_images:,} train / {job.val_images:,} val images, "
         f"{info.num_classes} classes, {info.in_chans}x{info.image_size}x{info.image_size}",
-        "device": f"{device_} ({precision}, {'channels_last' if channels_last else 'NCHW'}"
-        + (", compiled" if train.compile else "") + ")",
-        "batch": f"{data_recipe.batch_size} x {steps_per_epoch} steps per epoch"
-        + (f" ({world.size} processes x {per_process_batch})" if world.distributed else ""),
-        "epochs": f"{train.epochs}" + (f" (resuming after epoch {progress.epoch}, step {progress.step_in_epoch})" if resume else ""),
-        "output": str(paths.root),
+        "device": f"{settings.device} ({settings.precision}, {'channels_last' if settings.channels_last else 'NCHW'}"
+        + (", compiled" if recipe.train.compile else "") + ")",
+        "batch": f"{batch} x {settings.steps_per_epoch} steps per epoch"
+        + (f" ({world.size} processes x {per_process})" if world.distributed else ""),
+        "epochs": f"{recipe.train.epochs}"
+        + (f" (resuming after epoch {progress.epoch}, step {progress.this_epoch.steps})" if resume else ""),
+        "output": str(job.paths.root),
     }
-    if train.accumulate_steps > 1:
+    if accumulate > 1:
         facts["batch"] = (
-            f"effective {data_recipe.batch_size} x {steps_per_epoch} steps per epoch: "
+            f"effective {batch} x {settings.steps_per_epoch} steps per epoch: "
             + (f"{world.size} processes x " if world.distributed else "")
-            + f"{train.accumulate_steps} accumulated micro-batches of {micro}"
+            + f"{accumulate} accumulated micro-batches of {-(-per_process // accumulate)}"
         )
-    if pretrained is not None:
-        facts["pretrained"] = pretrained.describe()
-    if ema is not None:
-        facts["ema"] = f"decay {train.ema_decay} per step (best_ema / final_ema.safetensors)"
-    reporter.start(facts)
+    if job.pretrained is not None:
+        facts["pretrained"] = job.pretrained.describe()
+    if job.run.ema is not None:
+        facts["ema"] = f"decay {recipe.train.ema_decay} per step (best_ema / final_ema.safetensors)"
+    return facts
 
-    run_start = time.perf_counter() - progress.elapsed_s
-    with recording(status), StopRequest() as stop, contextlib.closing(metrics_log):
-        status.update(
-            status="running", epochs_done=progress.epoch, elapsed_s=progress.elapsed_s,
-            best_top1=progress.best_top1 if progress.history else None, best_epoch=progress.best_epoch or None,
-        )  # fmt: skip
-        for epoch in range(progress.epoch, train.epochs):
-            reporter.epoch_start(epoch + 1, train.epochs, steps_per_epoch, progress.step_in_epoch)
-            while progress.step_in_epoch < steps_per_epoch:
-                sampler.set_epoch(epoch, start_step=progress.step_in_epoch)
-                try:
-                    segment = train_steps(
-                        step_model, train_loader, optimizer, scheduler, scaler,
-                        device=device_, precision=precision, channels_last=channels_last,
-                        label_smoothing=train.label_smoothing, clip_grad_norm=recipe.optim.clip_grad_norm,
-                        accumulate_steps=train.accumulate_steps, mix=mix, ema=ema,
-                        first_step=progress.step_in_epoch, steps_per_epoch=steps_per_epoch,
-                        global_step=epoch * steps_per_epoch + progress.step_in_epoch,
-                        reporter=reporter, pause_after_s=train.checkpoint_minutes * 60, stop=stop, world=world,
-                    )  # fmt: skip
-                except NonFiniteLoss as fault:
-                    raise non_finite_error(fault.step, paths) from None
-                progress.step_in_epoch += segment.steps
-                progress.epoch_loss_sum += segment.loss_sum
-                progress.epoch_images += segment.images
-                progress.epoch_seconds += segment.seconds
-                progress.epoch_data_wait_s += segment.data_wait_s
-                if progress.step_in_epoch < steps_per_epoch:  # paused within the epoch
-                    progress.elapsed_s = time.perf_counter() - run_start
-                    checkpoint()
-                    if segment.stopped:
-                        reporter.close()
-                        raise Interrupted(stop.signum or signal.SIGTERM)
 
-            evaluation = dict(
-                loader=val_loader, num_classes=info.num_classes, device=device_,
-                precision=precision, channels_last=channels_last, world=world,
+def train_epoch(job: FitSetup, epoch: int, stop: "StopRequest", run_start: float) -> None:
+    """Train the rest of `epoch`, in segments with a checkpoint between them."""
+    run, settings, progress = job.run, job.settings, job.run.progress
+    train_loader, sampler, _ = job.loaders
+    job.reporter.epoch_start(epoch + 1, job.recipe.train.epochs, settings.steps_per_epoch, progress.this_epoch.steps)
+    while progress.this_epoch.steps < settings.steps_per_epoch:
+        done = progress.this_epoch.steps
+        sampler.set_epoch(epoch, start_step=done)
+        try:
+            segment, stopped = train_steps(
+                run, train_loader, settings, first_step=done, global_step=epoch * settings.steps_per_epoch + done,
+                reporter=job.reporter, stop=stop,
             )  # fmt: skip
-            result = evaluate(eval_model, **evaluation)
-            result_ema = evaluate(ema.module, **evaluation) if ema is not None else None
-            row = EpochRow(
-                epoch=epoch + 1, epochs=train.epochs, train_loss=progress.epoch_loss_sum / steps_per_epoch,
-                val_loss=result.loss, val_top1=result.top1, val_top5=result.top5,
-                lr=optimizer.param_groups[0]["lr"], images_per_s=progress.epoch_images / progress.epoch_seconds,
-                data_wait_fraction=progress.epoch_data_wait_s / progress.epoch_seconds,
-                seconds=progress.epoch_seconds + result.seconds + (result_ema.seconds if result_ema else 0.0),
-                val_loss_ema=result_ema.loss if result_ema else None,
-                val_top1_ema=result_ema.top1 if result_ema else None,
-            )  # fmt: skip
-            reporter.epoch_end(row)
-            progress.epoch = epoch + 1
-            progress.step_in_epoch, progress.epoch_loss_sum, progress.epoch_images = 0, 0.0, 0
-            progress.epoch_seconds = progress.epoch_data_wait_s = 0.0
+        except NonFiniteLoss as fault:
+            raise non_finite_error(fault.step, job.paths) from None
+        progress.this_epoch += segment
+        if progress.this_epoch.steps < settings.steps_per_epoch:  # paused within the epoch
             progress.elapsed_s = time.perf_counter() - run_start
-            progress.history.append(row.to_record())
-            metrics_log.write(progress.history)
-            if result.top1 > progress.best_top1:
-                progress.best_top1, progress.best_epoch = result.top1, epoch + 1
-                if world.is_main:
-                    save_weights(paths.best, model, meta)
-            if result_ema is not None and result_ema.top1 > progress.best_top1_ema:
-                progress.best_top1_ema, progress.best_epoch_ema = result_ema.top1, epoch + 1
-                if world.is_main:
-                    save_weights(paths.best_ema, ema.module, meta)
-            # Every process computed the same top-1 (reduced over all), so all stop together.
-            patience = train.early_stopping_patience
-            progress.stopped_early = patience is not None and progress.epoch - progress.best_epoch >= patience
-            checkpoint()
-            status.update(
-                epochs_done=progress.epoch, best_top1=progress.best_top1, best_epoch=progress.best_epoch,
-                elapsed_s=progress.elapsed_s,
-            )  # fmt: skip
-            if progress.stopped_early:
-                break
-            last_epoch = epoch + 1 == train.epochs  # then finish: only the final weights are left to write
-            if not last_epoch and distributed.agree([bool(stop)], device_, world)[0]:
+            job.checkpoint()
+            if stopped:
+                job.reporter.close()
                 raise Interrupted(stop.signum or signal.SIGTERM)
 
-        if world.is_main:
-            save_weights(paths.final, model, meta)
-            if ema is not None:
-                save_weights(paths.final_ema, ema.module, meta)
-        status.update(status="finished", stopped_early=progress.stopped_early)
+
+def end_epoch(job: FitSetup, epoch: int, run_start: float) -> None:
+    """Validate, log, keep the best weights, decide on early stopping, checkpoint."""
+    run, settings, progress = job.run, job.settings, job.run.progress
+    evaluation = dict(
+        loader=job.loaders[2], num_classes=job.info.num_classes, device=settings.device,
+        precision=settings.precision, channels_last=settings.channels_last, world=job.world,
+    )  # fmt: skip
+    result = evaluate(run.eval_model, **evaluation)
+    result_ema = evaluate(run.ema.module, **evaluation) if run.ema is not None else None
+    totals = progress.this_epoch
+    row = EpochRow(
+        epoch=epoch + 1, epochs=job.recipe.train.epochs, train_loss=totals.loss_sum / settings.steps_per_epoch,
+        val_loss=result.loss, val_top1=result.top1, val_top5=result.top5, lr=run.lr,
+        images_per_s=totals.images / totals.seconds, data_wait_fraction=totals.data_wait_s / totals.seconds,
+        seconds=totals.seconds + result.seconds + (result_ema.seconds if result_ema else 0.0),
+        val_loss_ema=result_ema.loss if result_ema else None, val_top1_ema=result_ema.top1 if result_ema else None,
+    )  # fmt: skip
+    job.reporter.epoch_end(row)
+    progress.end_epoch(row.to_record())
+    progress.elapsed_s = time.perf_counter() - run_start
+    job.metrics_log.write(progress.history)
+    if result.top1 > progress.best_top1:
+        progress.best_top1, progress.best_epoch = result.top1, epoch + 1
+        job.save_weights(job.paths.best, run.model)
+    if result_ema is not None and result_ema.top1 > progress.best_top1_ema:
+        progress.best_top1_ema, progress.best_epoch_ema = result_ema.top1, epoch + 1
+        job.save_weights(job.paths.best_ema, run.ema.module)
+    # Every process computed the same top-1 (reduced over all), so all stop together.
+    patience = job.recipe.train.early_stopping_patience
+    progress.stopped_early = patience is not None and progress.epoch - progress.best_epoch >= patience
+    job.checkpoint()
+    job.status.update(
+        epochs_done=progress.epoch, best_top1=progress.best_top1, best_epoch=progress.best_epoch,
+        elapsed_s=progress.elapsed_s,
+    )  # fmt: skip
+
+
+def summarize(job: FitSetup) -> dict[str, Any]:
+    """Print the summary panel; return what `fit` returns."""
+    progress, train = job.run.progress, job.recipe.train
     summary = {
         "best top-1": f"{progress.best_top1:.2%} (epoch {progress.best_epoch})",
         "final top-1": f"{progress.history[-1]['val_top1']:.2%}" if progress.history else "-",
     }
-    if ema is not None:
+    if job.run.ema is not None:
         summary["best EMA top-1"] = f"{progress.best_top1_ema:.2%} (epoch {progress.best_epoch_ema})"
     if progress.stopped_early:
         summary["stopped early"] = (
             f"after epoch {progress.epoch} of {train.epochs}: no better top-1 for {train.early_stopping_patience} epochs"
         )
-    summary.update({"time": format_seconds(progress.elapsed_s), "written to": str(paths.root)})
-    reporter.summary(summary)
+    summary.update({"time": format_seconds(progress.elapsed_s), "written to": str(job.paths.root)})
+    job.reporter.summary(summary)
     return {
         "best_top1": progress.best_top1,
         "best_epoch": progress.best_epoch,
         "epochs": progress.epoch,
         "stopped_early": progress.stopped_early,
         "seconds": progress.elapsed_s,
-        "run_dir": str(paths.root),
+        "run_dir": str(job.paths.root),
     }
 
 
@@ -573,7 +535,5 @@ def recording(status: RunStatus):
         status.update(status="interrupted")
         raise
     except BaseException as error:
-        # The last line: from a DataLoader worker, the message carries the worker's traceback.
-        lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        status.update(status="failed", error=lines[-1].strip())
+        status.update(status="failed", error=error_line(error, last=True))
         raise

@@ -14,8 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
+
+from gtrain.cli import app
 
 MNIST_SIZE = 28
+
+
+def invoke(*args):
+    """Run the `gtrain` command line in this process, as typed (every argument made a string)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def write_mnist(root: Path, n_train: int = 200, n_test: int = 100, *, seed: int = 0) -> Path:
@@ -78,6 +86,15 @@ def write_image_folder(
                 pixels[y : y + size // 2, x : x + size // 2] *= 0.5
                 Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(folder / f"{n}.png")
     return Path(root)
+
+
+def tiny_hornet(root: Path, settings: dict[str, object]) -> list[str]:
+    """`gtrain fit` arguments for a small HorNet (LayerNorm only: no batch statistics, so the
+    way a batch is split changes nothing) on the MNIST-format data in `root` at 8 px, in fp32
+    with no worker processes; `settings` adds or replaces --set KEY=VALUE pairs."""
+    base = {"data.dataset": "MNIST", "data.root": root, "data.image_size": 8, "data.workers": 0, "train.precision": "fp32"}
+    toml = lambda value: str(value).lower() if isinstance(value, bool) else str(value)  # noqa: E731
+    return ["quickstart_hornet", *(arg for key, value in {**base, **settings}.items() for arg in ("--set", f"{key}={toml(value)}"))]
 
 
 @pytest.fixture

@@ -6,18 +6,11 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from typer.testing import CliRunner
 
-from gtrain.cli import app
-
-runner = CliRunner()
+from tests.conftest import invoke
 
 TINY = ["--set", "model.name=resnext29_2x16d", "--set", "data.workers=0", "--set", "train.precision=fp32",
         "--set", "data.image_size=12"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_fit_then_eval_on_mnist_format_data(tmp_path, mnist_root):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import write_mnist
+from tests.conftest import tiny_hornet, write_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +23,7 @@ def recipe(tmp_path_factory):
     """A small HorNet on 256 MNIST-format images at 8 px; global batch 64: 4 steps per epoch.
     66 validation images: they do not divide evenly over 4 or 2 x 32."""
     root = write_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=66)
-    return ["quickstart_hornet", "--set", "data.dataset=MNIST", "--set", f"data.root={root}", "--set", "data.image_size=8",
-            "--set", "data.batch_size=64", "--set", "train.epochs=2", "--set", "train.precision=fp32",
-            "--set", "data.workers=0"]
+    return tiny_hornet(root, {"data.batch_size": 64, "train.epochs": 2})
 
 
 def run(*args, fault="", timeout=180):

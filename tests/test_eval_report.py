@@ -9,19 +9,15 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from typer.testing import CliRunner
 
 from gtrain.checkpoint import WeightsMeta, save_weights
-from gtrain.cli import app
-from gtrain.evaluate import EvalResult, evaluate, report_tables
+from gtrain.eval_tables import report_tables
+from gtrain.evaluate import EvalResult, evaluate
 from gtrain.models import create_model
 
-runner = CliRunner()
+from tests.conftest import invoke
+
 CPU = torch.device("cpu")
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 class PredictsItsInput(nn.Module):

@@ -11,23 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 import gtrain.export
 from gtrain.checkpoint import WeightsMeta, save_weights
-from gtrain.cli import app
 from gtrain.models import create_model
 
-runner = CliRunner()
+from tests.conftest import invoke
+
 # The tests load TorchScript files as users do, and PyTorch warns each time that it is deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
 IMAGE_SIZE = 16  # px: the smallest that both families take with room to spare, to keep exports fast
 CLASS_NAMES = tuple(str(digit) for digit in range(10))
 SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2", "torchscript": ".torchscript.pt"}
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
 
 def save_run(folder: Path, name: str) -> nn.Module:
     """Write folder/best.safetensors as `gtrain fit` would, for an untrained model; return the model."""

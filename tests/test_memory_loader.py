@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from gtrain.data import build_data
-from gtrain.loaders import EpochSampler
-from gtrain.memory_loader import InMemoryLoader, load_uint8
+from gtrain.data.loaders import EpochSampler, InMemoryLoader, load_uint8
 
 
 def digits(tmp_path, augment):

@@ -10,21 +10,16 @@ import shutil
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from gtrain.cli import app
 from gtrain.errors import UserError
 from gtrain.runtime import CPU_BF16_ENV, resolve_precision
 
-runner = CliRunner()
+from tests.conftest import invoke
+
 CPU = torch.device("cpu")
 # Precision left at "auto"; on the CPU whatever the machine has, so that the switch decides.
 TINY = ["--set", "model.name=resnext29_2x16d", "--set", "data.dataset=MNIST", "--set", "data.workers=0",
         "--set", "data.image_size=8", "--set", "data.batch_size=50", "--set", "train.epochs=1", "--device", "cpu"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_the_switch_decides_what_auto_resolves_to_on_a_cpu(monkeypatch):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from gtrain.cli import app
-from tests.conftest import write_mnist
+from tests.conftest import tiny_hornet, write_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +24,7 @@ pytestmark = pytest.mark.slow
 def fast(tmp_path_factory):
     """A small HorNet on 256 MNIST-format images at 8 px: 4 optimizer steps per epoch."""
     root = write_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=64)
-    return ["quickstart_hornet", "--set", "data.dataset=MNIST", "--set", f"data.root={root}", "--set", "data.image_size=8",
-            "--set", "data.batch_size=64", "--set", "train.epochs=2", "--set", "train.precision=fp32",
-            "--set", "train.deterministic=true", "--set", "data.workers=0", "--set", "model.drop_path_rate=0.1"]
+    return tiny_hornet(root, {"data.batch_size": 64, "train.epochs": 2, "train.deterministic": True, "model.drop_path_rate": 0.1})
 
 
 def gtrain(*args, fault=None):

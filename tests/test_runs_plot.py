@@ -11,17 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from gtrain.cli import app, console
 
-runner = CliRunner()
+from tests.conftest import invoke
+
 
 TOP1 = [0.50, 0.80, 0.70]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def metrics_rows(top1: list[float]) -> list[dict]:

@@ -10,27 +10,19 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torchvision import transforms
-from typer.testing import CliRunner
 
-from gtrain.cli import app
 from gtrain.data import batch_mix, build_data
 from gtrain.ema import WeightEMA
 from gtrain.models import create_model
-from tests.conftest import write_mnist
 
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
+from tests.conftest import invoke, tiny_hornet, write_mnist
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A HorNet (LayerNorm only: its result does not depend on how a batch is split) on
     64 MNIST-format images at 8 px, 2 steps of 32 per epoch."""
     root = write_mnist(tmp_path_factory.mktemp("mnist"), n_train=64, n_test=40)
-    return ["quickstart_hornet", "--set", "data.dataset=MNIST", "--set", f"data.root={root}", "--set", "data.image_size=8",
-            "--set", "data.batch_size=32", "--set", "train.epochs=1", "--set", "train.precision=fp32",
-            "--set", "train.deterministic=true", "--set", "data.workers=0", "--set", "model.drop_path_rate=0.0"]
+    return tiny_hornet(root, {"data.batch_size": 32, "train.epochs": 1, "train.deterministic": True, "model.drop_path_rate": 0.0})
 
 
 def data_root(args) -> str:

@@ -7,13 +7,12 @@ error instead of being ignored.
 """
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from gtrain.errors import UserError
+from gtrain.errors import UserError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -46,15 +45,10 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _closest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
-    return f"did you mean {', '.join(close)}?" if close else f"valid: {', '.join(sorted(choices))}"
-
-
 def get_model_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
         raise UserError(
-            f"unknown model {name!r}: {_closest(name, list(_REGISTRY))} "
+            f"unknown model {name!r}: {did_you_mean(name, list(_REGISTRY))} "
             "(`gtrain models` lists them all)"
         )
     return _REGISTRY[name]
@@ -67,7 +61,7 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, **overrides:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise UserError(
-            f"model {name!r} has no setting {unknown[0]!r}: {_closest(unknown[0], sorted(fields))}"
+            f"model {name!r} has no setting {unknown[0]!r}: {did_you_mean(unknown[0], sorted(fields))}"
         )
     config = dataclasses.replace(entry.config, **overrides)
     return entry.model_class(config, num_classes=num_classes, in_chans=in_chans)

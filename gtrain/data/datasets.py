@@ -13,7 +13,6 @@ real data that needs no download, so it is the offline default.
 Read top to bottom: the table, the digits dataset, the transforms, the builders.
 """
 
-import difflib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder, VisionDataset
 from torchvision.datasets.folder import find_classes
 
-from gtrain.errors import UserError
+from gtrain.errors import UserError, did_you_mean, error_line
 
 # ---------------------------------------------------------------------------------------------
 # The table
@@ -140,8 +139,9 @@ class DataBundle:
     train: Dataset  # items (float tensor C,H,W normalized, int label); augmented when augment=True
     val: Dataset  # the evaluation transform, never augmented
     # Small fixed-size images (the "cifar" style rows) can live on the device as uint8 and be
-    # augmented there in batches (gtrain.memory_loader); None for the others.
+    # augmented there in batches (gtrain.data.loaders); None for the others, and then:
     augmentation: "BatchAugmentation | None" = None
+    not_in_memory_because: str = ""  # why they cannot, for the error of data.in_memory = "on"
 
 
 @dataclass(frozen=True)
@@ -167,13 +167,6 @@ def batch_mix(*, mixup_alpha: float, cutmix_alpha: float, num_classes: int):
     if not mixes:
         return None
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
-
-
-def raw_uint8(dataset: Dataset, image_size: int) -> Dataset:
-    """The same dataset yielding resized uint8 tensors (C, H, W) without augmentation or
-    normalization, for loading it into memory once."""
-    dataset.transform = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
-    return dataset
 
 
 def list_datasets() -> list[str]:
@@ -312,6 +305,9 @@ def _to_normalized_tensor(spec: DatasetSpec) -> list[Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+_NOT_SMALL = "it is for small fixed-size datasets, which {name} is not"
+
+
 def build_data(
     dataset: str,
     *,
@@ -343,11 +339,13 @@ def build_data(
     train_tf = train_transform(spec, size, **per_image) if augment else evaluate
     train = _load(name, spec.splits["train"], root=root, download=download, transform=train_tf)
     val = _load(name, spec.splits[val_split], root=root, download=download, transform=evaluate)
-    batched = None
-    needs_per_image = augment and (auto_augment != "none" or random_erasing > 0)
-    if spec.style == "cifar" and not needs_per_image:
-        batched = BatchAugmentation(pad=max(1, size // 8) if augment else 0, flip=spec.flip and augment)
-    return DataBundle(_table_info(name, spec, size, train), train, val, batched)
+    info = _table_info(name, spec, size, train)
+    if augment and (auto_augment != "none" or random_erasing > 0):
+        return DataBundle(info, train, val, None, "data.auto_augment and data.random_erasing run per image")
+    if spec.style != "cifar":
+        return DataBundle(info, train, val, None, _NOT_SMALL.format(name=name))
+    batched = BatchAugmentation(pad=max(1, size // 8) if augment else 0, flip=spec.flip and augment)
+    return DataBundle(info, train, val, batched)
 
 
 def build_eval_data(
@@ -392,11 +390,9 @@ def _canonical_name(dataset: str) -> str:
     if isinstance(constructor, type) and issubclass(constructor, VisionDataset):
         raise UserError(
             f"torchvision's {dataset} is not in gtrain's dataset table: add a row for it to DATASETS "
-            "in gtrain/data.py, or export its images to an ImageFolder"
+            "in gtrain/data/datasets.py, or export its images to an ImageFolder"
         )
-    close = difflib.get_close_matches(dataset.lower(), list(by_lower), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(by_lower[c] for c in close)}?" if close else f"valid: {', '.join(known)}"
-    raise UserError(f"unknown dataset {dataset!r}: {hint}")
+    raise UserError(f"unknown dataset {dataset!r}: {did_you_mean(dataset, known)}")
 
 
 def _image_size(requested: int | None, spec: DatasetSpec) -> int:
@@ -437,7 +433,7 @@ def _load(name: str, split_kwargs: dict[str, Any], *, root: Path, download: bool
         failed_download = isinstance(err, OSError) or message.startswith("Error downloading")
         if download and (missing or failed_download):
             raise UserError(
-                f"{name}: download into {root.absolute()} failed ({_first_line(err)}): check the "
+                f"{name}: download into {root.absolute()} failed ({error_line(err)}): check the "
                 "network, or put the files there yourself and set data.download = false"
             ) from err
         if missing:
@@ -446,11 +442,6 @@ def _load(name: str, split_kwargs: dict[str, Any], *, root: Path, download: bool
                 "or data.root to the folder that holds it"
             ) from err
         raise
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def _table_info(name: str, spec: DatasetSpec, size: int, data: Dataset) -> DatasetInfo:
@@ -487,7 +478,7 @@ def _build_image_folder(
     train_tf = train_transform(IMAGE_FOLDER_SPEC, size, **per_image) if augment else evaluate
     train = _load_image_folder(_image_folder_split(root, "train"), train_tf)
     val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes)
-    return DataBundle(_image_folder_info(size, train.classes), train, val)
+    return DataBundle(_image_folder_info(size, train.classes), train, val, None, _NOT_SMALL.format(name=IMAGE_FOLDER))
 
 
 def _image_folder_split(root: Path, split: str) -> Path:
@@ -529,7 +520,7 @@ def _load_image_folder(
     try:
         return ImageFolder(directory, transform=transform)
     except FileNotFoundError as err:  # a class folder without images
-        raise UserError(f"ImageFolder: no images in {directory}: {_first_line(err)}") from err
+        raise UserError(f"ImageFolder: no images in {directory}: {error_line(err)}") from err
 
 
 def _image_folder_info(size: int, classes: list[str]) -> DatasetInfo:
@@ -542,3 +533,12 @@ def _image_folder_info(size: int, classes: list[str]) -> DatasetInfo:
         std=IMAGE_FOLDER_SPEC.stats.std,
         class_names=tuple(classes),
     )
+
+
+def check_flip_keeps_the_class(dataset: str) -> None:
+    # The dataset table says where training flips images; "ImageFolder" is the one name not in it.
+    if not DATASETS.get(dataset, IMAGE_FOLDER_SPEC).flip:
+        raise UserError(
+            f"--tta flip: {dataset} is trained without horizontal flips because a mirrored image can be "
+            "another class (a mirrored digit or sign); use --tta none"
+        )

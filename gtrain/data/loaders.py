@@ -1,0 +1,219 @@
+"""Batches for training and evaluation: one builder decides once where the data lives.
+
+Two paths give the same batches of (normalized float images, labels):
+- on the device: small fixed-size datasets (digits, the MNIST family, CIFAR, SVHN, ...) are
+  decoded once into a (N, C, H, W) uint8 tensor there, and every batch is cropped, flipped
+  and normalized in one go, with no worker processes: per-image PIL transforms would cost
+  more than the model step;
+- DataLoaders with workers for everything else.
+
+The training order is a pure function of (seed, epoch), and a loader can start in the
+middle of an epoch, so a resumed run sees exactly the batches it would have seen. On the
+device, the random crop and flip of step s come from a generator seeded by (seed, epoch,
+s, rank), so a resumed run also draws exactly the augmentation it would have drawn.
+"""
+
+import copy
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchvision import transforms
+
+from gtrain.data.datasets import BatchAugmentation, DataBundle
+from gtrain.distributed import World
+from gtrain.errors import UserError
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh random permutation every epoch, drawn from its own generator so that
+    nothing else that consumes random numbers can change the data order.
+
+    Under torch.distributed each process takes its share of every global batch: step s
+    of the epoch trains on the same images whatever the number of processes, which is
+    why a checkpoint resumes on any number of them.
+    """
+
+    def __init__(self, size: int, seed: int, *, global_batch: int, rank: int = 0, world_size: int = 1):
+        self.size = size
+        self.seed = seed
+        self.global_batch = global_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.steps = size // global_batch  # the last partial batch is dropped
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """`start_step`: how many optimizer steps of this epoch were already taken."""
+        self.epoch = epoch
+        self.start_step = start_step
+
+    def order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=generator)
+
+    def indices(self) -> torch.Tensor:
+        """This process's images for the rest of the epoch, in training order."""
+        batches = self.order(self.epoch)[: self.steps * self.global_batch]
+        batches = batches.view(self.steps, self.world_size, -1)  # (step, process, image)
+        return batches[self.start_step :, self.rank].flatten()
+
+    def __iter__(self):
+        return iter(self.indices().tolist())
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * (self.global_batch // self.world_size)
+
+
+def make_train_loader(
+    dataset: Dataset, *, global_batch: int, seed: int, workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1
+):
+    sampler = EpochSampler(len(dataset), seed, global_batch=global_batch, rank=rank, world_size=world_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=global_batch // world_size,
+        sampler=sampler,  # whole batches only: the sampler drops the epoch's remainder
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        # Its own generator: otherwise every new epoch iterator draws a worker seed from
+        # the global RNG and shifts the augmentation of a resumed run.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler
+
+
+def make_eval_loader(
+    dataset: Dataset, *, batch_size: int, workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """Under torch.distributed, process r evaluates images r, r + N, r + 2N, ...: every image
+    exactly once, with no padding, so the reduced metrics equal a single process's."""
+    if world_size > 1:
+        dataset = Subset(dataset, range(rank, len(dataset), world_size))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# On the device
+
+
+def load_uint8(dataset: Dataset, image_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a whole split once: images (N, C, H, W) uint8 and labels (N,) int64, on `device`."""
+    # A copy that yields resized uint8 (C, H, W) tensors: the caller's dataset keeps its transform.
+    raw = copy.copy(dataset)
+    raw.transform = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
+    loader = DataLoader(raw, batch_size=1024, num_workers=0)
+    images, labels = zip(*loader)
+    return torch.cat(images).to(device), torch.cat(labels).to(device)
+
+
+class InMemoryLoader:
+    """Batches of (normalized float images, labels) from uint8 tensors on the device.
+
+    With a `sampler` it trains (shuffled order, shards under torchrun, augmentation);
+    without one it evaluates the images in order.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        sampler: EpochSampler | None = None,
+        augmentation: BatchAugmentation | None = None,
+        seed: int = 0,
+    ):
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.sampler = sampler
+        self.augmentation = augmentation if sampler is not None else None
+        self.seed = seed
+        device = images.device
+        # Normalize in one multiply-add: (x / 255 - mean) / std.
+        self.scale = (1 / (255 * torch.tensor(std, device=device))).view(1, -1, 1, 1)
+        self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        if self.sampler is not None:
+            return len(self.sampler) // self.batch_size  # the sampler yields whole batches
+        return -(-len(self.labels) // self.batch_size)  # evaluation keeps the last partial batch
+
+    def __iter__(self):
+        if self.sampler is None:
+            order, first_step = torch.arange(len(self.labels)), 0
+        else:
+            order, first_step = self.sampler.indices(), self.sampler.start_step
+        order = order.to(self.images.device)
+        for i in range(len(self)):
+            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            images = self.images[index]
+            if self.augmentation is not None:
+                images = self._augment(images, step=first_step + i)
+            yield images.float() * self.scale + self.shift, self.labels[index]
+
+    def _augment(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """Random crop after zero padding, and random horizontal flip, per image."""
+        sampler = self.sampler
+        generator = torch.Generator().manual_seed(
+            hash((self.seed, sampler.epoch, step, sampler.rank)) % (2**63)
+        )
+        n, _, h, w = images.shape
+        pad = self.augmentation.pad
+        if pad:
+            padded = F.pad(images, (pad, pad, pad, pad))  # (N, C, H + 2p, W + 2p), zeros outside
+            dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(images.device)
+            rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (N, 1, H, 1)
+            cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (N, 1, 1, W)
+            batch = torch.arange(n, device=images.device)[:, None, None, None]
+            channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+            images = padded[batch, channel, rows, cols]  # (N, C, H, W)
+        if self.augmentation.flip:
+            flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images
+
+
+def build_loaders(data: DataBundle, *, in_memory: str, global_batch: int, seed: int, workers: int,
+                  device: torch.device, world: World):  # fmt: skip
+    """(train loader, its sampler, val loader) yielding global_batch / world.size images per
+    process: on the device when `in_memory` is "on", or "auto" and the data is small and
+    fixed-size (`data.augmentation` says so), else DataLoaders with `workers` processes."""
+    batch_size = global_batch // world.size
+    shard = dict(rank=world.rank, world_size=world.size)
+    if in_memory == "off" or (in_memory == "auto" and data.augmentation is None):
+        pin_memory = device.type == "cuda"
+        train_loader, sampler = make_train_loader(
+            data.train, global_batch=global_batch, seed=seed, workers=workers, pin_memory=pin_memory, **shard
+        )
+        val_loader = make_eval_loader(data.val, batch_size=batch_size, workers=workers, pin_memory=pin_memory, **shard)
+        return train_loader, sampler, val_loader
+    if data.augmentation is None:
+        raise UserError(
+            f"data.in_memory = 'on' cannot be used: {data.not_in_memory_because}; set data.in_memory = 'auto' or 'off'"
+        )
+    info = data.info
+    sampler = EpochSampler(len(data.train), seed, global_batch=global_batch, **shard)
+    train_images, train_labels = load_uint8(data.train, info.image_size, device)
+    val_images, val_labels = load_uint8(data.val, info.image_size, device)
+    normalize = dict(mean=info.mean, std=info.std)
+    train_loader = InMemoryLoader(
+        train_images, train_labels, batch_size=batch_size, sampler=sampler, augmentation=data.augmentation,
+        seed=seed, **normalize,
+    )  # fmt: skip
+    # Process r evaluates images r, r + N, ...: each once, as with the DataLoader path.
+    val_loader = InMemoryLoader(
+        val_images[world.rank :: world.size], val_labels[world.rank :: world.size], batch_size=batch_size, **normalize
+    )
+    return train_loader, sampler, val_loader

@@ -1,0 +1,177 @@
+"""The run object: what a run trains and where it stands.
+
+`TrainingRun` owns the trained things (the model as trained, as evaluated and as saved;
+the optimizer, the lr schedule, the gradient scaler, the weight average) and the run's
+progress. Its `state_dict` / `load_state_dict` are the one list of what a checkpoint holds.
+"""
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gtrain import distributed
+from gtrain.checkpoint import load_into
+from gtrain.distributed import World
+from gtrain.ema import WeightEMA
+from gtrain.errors import UserError
+from gtrain.models import create_model
+from gtrain.optim import build_optimizer, build_scheduler
+from gtrain.recipe import Recipe
+
+
+@dataclass
+class EpochTotals:
+    """What the trained steps of one epoch add up to (an epoch may be trained in segments)."""
+
+    steps: int = 0  # optimizer steps
+    loss_sum: float = 0.0  # of the per-step mean losses
+    images: int = 0  # over all processes
+    seconds: float = 0.0
+    data_wait_s: float = 0.0  # of `seconds`, spent waiting for the data loader
+
+    def __iadd__(self, other: "EpochTotals") -> "EpochTotals":
+        self.steps += other.steps
+        self.loss_sum += other.loss_sum
+        self.images += other.images
+        self.seconds += other.seconds
+        self.data_wait_s += other.data_wait_s
+        return self
+
+
+@dataclass
+class RunProgress:
+    """Where the run is: everything besides the modules that a resume needs."""
+
+    epoch: int = 0  # epochs completed
+    this_epoch: EpochTotals = field(default_factory=EpochTotals)  # the unfinished epoch so far
+    best_top1: float = -1.0
+    best_epoch: int = 0
+    best_top1_ema: float = -1.0  # of the weight average, with train.ema_decay
+    best_epoch_ema: int = 0
+    stopped_early: bool = False  # by train.early_stopping_patience
+    elapsed_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # the rows of metrics.jsonl
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        self.epoch = record["epoch"]
+        self.this_epoch = EpochTotals()
+        self.history.append(record)
+
+    # Checkpoints have always held this flat dict: older ones load unchanged.
+    def state_dict(self) -> dict[str, Any]:
+        totals = self.this_epoch
+        return {
+            "epoch": self.epoch, "step_in_epoch": totals.steps, "epoch_loss_sum": totals.loss_sum,
+            "epoch_images": totals.images, "epoch_seconds": totals.seconds, "epoch_data_wait_s": totals.data_wait_s,
+            "best_top1": self.best_top1, "best_epoch": self.best_epoch, "best_top1_ema": self.best_top1_ema,
+            "best_epoch_ema": self.best_epoch_ema, "stopped_early": self.stopped_early, "elapsed_s": self.elapsed_s,
+            "history": self.history,
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        totals = {"steps": "step_in_epoch", "loss_sum": "epoch_loss_sum", "images": "epoch_images",
+                  "seconds": "epoch_seconds", "data_wait_s": "epoch_data_wait_s"}  # fmt: skip
+        self.this_epoch = EpochTotals(**{mine: state[saved] for mine, saved in totals.items() if saved in state})
+        for key in ("epoch", "best_top1", "best_epoch", "best_top1_ema", "best_epoch_ema", "stopped_early",
+                    "elapsed_s", "history"):  # fmt: skip
+            if key in state:  # a checkpoint from before the EMA keys: their defaults
+                setattr(self, key, state[key])
+
+
+@dataclass
+class TrainingRun:
+    model: nn.Module  # as saved: the plain module, whose state_dict checkpoints and weights hold
+    step_model: nn.Module  # as trained: under DDP and/or torch.compile
+    eval_model: nn.Module  # as evaluated: compiled or plain, never under DDP
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: WeightEMA | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)  # resolved, as saved with each checkpoint
+    progress: RunProgress = field(default_factory=RunProgress)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _parts(self) -> dict[str, Any]:
+        """Everything with a state of its own, by its name in the checkpoint."""
+        parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
+                 "progress": self.progress}  # fmt: skip
+        if self.ema is not None:
+            parts["ema"] = self.ema
+        return parts
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {name: part.state_dict() for name, part in self._parts().items()}
+        return {**state, "rng": rng_state(), "recipe": self.recipe}
+
+    def check_state(self, state: dict[str, Any], source: Path) -> None:
+        """One line unless `state` holds every part of this run."""
+        missing = sorted({*self._parts(), "rng", "recipe"} - set(state))
+        if missing:
+            raise UserError(f"cannot load {source}: not a gtrain training state (it lacks {', '.join(missing)})")
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        """Restore a checkpoint (read from `source`) of this run. The random state is the
+        main process's: the caller re-seeds the others."""
+        self.check_state(state, source)
+        for name, part in self._parts().items():
+            if name == "model":
+                load_into(part, state["model"], source)  # one line, not PyTorch's list of keys
+            else:
+                part.load_state_dict(state[name])
+        set_rng_state(state["rng"])
+
+
+def build_training_run(
+    recipe: Recipe, *, num_classes: int, in_chans: int, steps_per_epoch: int, device: torch.device,
+    channels_last: bool, world: World, pretrained: bool,
+) -> tuple[TrainingRun, Any]:  # fmt: skip
+    """The model (from published weights with `pretrained`), its DDP and compiled forms, the
+    optimizer, the schedule, the scaler and the EMA; and the report of what was loaded."""
+    train = recipe.train
+    model = create_model(recipe.model.name, num_classes=num_classes, in_chans=in_chans, **recipe.model_overrides())
+    loaded = None
+    if pretrained:
+        from gtrain.pretrained import load_pretrained
+
+        loaded = load_pretrained(model, Path(recipe.model.pretrained))
+    model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    trained_model = distributed.wrap(model, train.sync_bn, device, world)
+    optimizer = build_optimizer(model, recipe.optim)
+    run = TrainingRun(
+        model=model,
+        # Compiled for speed, while checkpoints keep reading the plain module's state_dict.
+        step_model=torch.compile(trained_model) if train.compile else trained_model,
+        eval_model=torch.compile(model) if train.compile else model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=train.epochs, optim=recipe.optim),
+        scaler=torch.amp.GradScaler(device.type, enabled=train.precision == "fp16"),
+        # After the wrap: DDP has given every process the main process's initial weights.
+        ema=WeightEMA(model, train.ema_decay) if train.ema_decay else None,
+        recipe=recipe.to_dict(),
+    )
+    return run, loaded
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        # The run may resume on a machine that sees fewer GPUs than the one that saved it.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
