@@ -35,7 +35,7 @@ class ResNeXtConfig:
     input_size: int  # the image side, in pixels, that the variant was designed for
     # Zero the last BN's scale in each block, so every block starts as the identity:
     # Goyal et al. 2017 (arXiv:1706.02677) report +0.2-0.3% top-1 on ImageNet, and without
-    # it SGD at lr 0.05 from scratch blew up in epoch 1 (docs/benchmarks.md). On by default,
+    # it the quickstart's SGD at lr 0.1 blew the loss up in its first epoch. On by default,
     # as in timm; off in the paper (its recipes here turn it off). Loaded weights replace it.
     zero_init_last_bn: bool = True
 

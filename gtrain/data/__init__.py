@@ -1,0 +1,25 @@
+"""Data: what a dataset name means (`datasets`: the table, splits, transforms) and how its
+images reach the model in batches (`loaders`: on the device or through DataLoaders)."""
+
+from gtrain.data.datasets import (
+    DATASETS,
+    IMAGE_FOLDER,
+    IMAGE_FOLDER_SPEC,
+    BatchAugmentation,
+    DataBundle,
+    DatasetInfo,
+    DatasetSpec,
+    Digits,
+    batch_mix,
+    build_data,
+    build_eval_data,
+    check_flip_keeps_the_class,
+    eval_transform,
+    list_datasets,
+    train_transform,
+)
+
+__all__ = [
+    "DATASETS", "IMAGE_FOLDER", "IMAGE_FOLDER_SPEC", "BatchAugmentation", "DataBundle", "DatasetInfo", "DatasetSpec",
+    "Digits", "batch_mix", "build_data", "build_eval_data", "check_flip_keeps_the_class", "eval_transform", "list_datasets", "train_transform",
+]  # fmt: skip
