@@ -9,7 +9,7 @@ RandomResizedCrop (8-100% of the area), flip, smooth labels by 0.1, zero-initial
 of each block, use Nesterov momentum 0.9 and no weight decay on norms and biases. They differ in:
 
     timm 1.0.28                              gtrain
-    weight decay 2e-5                        5e-4
+    weight decay 2e-5                        1e-4
     colour jitter 0.4                        none
     bilinear or bicubic crop, at random      bilinear
     lr stepped per epoch (last epoch 1.2e-3) per step, down to 0
@@ -31,19 +31,16 @@ installed version (v1.0.28 is commit 8ef73809f622e0031bd7f4940265734aef8b9978):
     git -C /tmp/timm-repo show v1.0.28:train.py > /tmp/timm/train.py
     python benchmarks/vs_timm.py --timm-train /tmp/timm/train.py --timm-amp   # both bf16; about 9 min
 
-Measured on a 2-vCPU Intel Xeon with avx512_bf16 and AMX, torch 2.14.1, timm 1.0.28,
-2026-12-01 (docs/benchmarks.md has the machine and the context). Without --timm-amp, alone
-on the machine:
+Measured on a 2-vCPU AMD EPYC with avx512_bf16, torch 2.14.1, timm 1.0.28, 2026-12-02
+(docs/benchmarks.md has the machine, earlier figures and the context), alone on the machine:
 
     | tool   | precision | val top-1 final | best (epoch) | train images/s | wall s |
     |--------|-----------|-----------------|--------------|----------------|--------|
-    | gtrain | bf16      | 49.6%           | 50.0% (8)    | 54.2           | 291    |
-    | timm   | fp32      | 49.8%           | 51.8% (9)    | 43.1           | 267    |
+    | gtrain | bf16      | 49.8%           | 49.8% (8)    | 49.0           | 244    |
+    | timm   | fp32      | 48.4%           | 48.6% (9)    | 32.4           | 371    |
 
-With --timm-amp (timm in bf16 too; a test suite ran beside it at times, so its images/s are
-noisy): gtrain 49.6% / 50.0%, 56.4 images/s; timm 52.0% / 52.0%, 44.0 images/s. With their
-fixed seeds both tools repeat these top-1 figures run after run; images/s moves with the
-load of the machine.
+With their fixed seeds both tools repeat these top-1 figures run after run on the same
+machine; images/s moves with the load of the machine.
 """
 
 import argparse

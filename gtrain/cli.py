@@ -44,6 +44,14 @@ def fit(
     overrides: SetOption = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<recipe>-<timestamp>).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder from its last checkpoint.")] = None,
+    auto_resume: Annotated[
+        bool,
+        typer.Option(
+            "--auto-resume",
+            help="Continue the --out folder if it holds a run of this recipe, else start it: the same command "
+            "again after a preemption or a crash (torchrun's restarts do this by themselves).",
+        ),
+    ] = False,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (overrides train.device).")] = None,
     nproc: Annotated[
         Optional[int], typer.Option(min=1, help="Train with N processes on this machine (runs torchrun for you).")
@@ -52,21 +60,36 @@ def fit(
 ) -> None:
     """Train a model from a recipe (default: quickstart) and write a run folder.
 
-    data.batch_size is the global batch: under torchrun each of N processes takes 1/N of it.
+    data.batch_size is the global batch: under torchrun or srun each of N processes takes 1/N of it.
+
+    Exit codes: 0 done; 2 a mistake to fix (one line says which); 75 stopped by SIGTERM or
+    SIGUSR1, or by a lost process, with a checkpoint: run the same command with
+    --auto-resume (or --resume DIR) to continue; 130 stopped by Ctrl-C, likewise resumable.
     """
     from gtrain import distributed
     from gtrain.progress import Reporter
-    from gtrain.train import Interrupted, fit as run_fit, plan_fit
+    from gtrain.train import RESUMABLE_EXIT_CODE, Interrupted, fit as run_fit, plan_fit
 
-    if nproc is not None and not distributed.launched_by_torchrun():
+    if nproc is not None and not distributed.launched_distributed():
         launch_torchrun(nproc)
     world = distributed.World.from_env()  # so that only rank 0 prints, even before it joins the group
     reporter = Reporter(console if world.is_main else Console(quiet=True), quiet=quiet or not world.is_main)
     run_dir = resume or out
     try:
-        loaded, paths, name = plan_fit(recipe, overrides or [], out=out, resume=resume)
-        run_dir = paths.root
-        run_fit(loaded, paths, reporter=reporter, device=device, resume=resume is not None, recipe_name=name)
+        plan = plan_fit(recipe, overrides or [], out=out, resume=resume, auto_resume=auto_resume)
+        run_dir = plan.paths.root
+        if plan.notice and world.is_main:
+            reporter.notice(plan.notice)
+        run_fit(plan, reporter=reporter, device=device)
+    except distributed.LostPeer as lost:
+        reporter.close()
+        # Every survivor says it: the lost process may have been the main one.
+        error_console.print(
+            f"[bold red]error:[/] {escape(lost.message)}; the last checkpoint in {escape(str(run_dir))} is intact: "
+            "torchrun --max-restarts continues it, or the same command with --auto-resume",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        raise typer.Exit(RESUMABLE_EXIT_CODE) from None
     except UserError as error:
         reporter.close()
         raise (fail(error) if world.is_main else typer.Exit(UserError.exit_code)) from None
@@ -77,7 +100,11 @@ def fit(
     except Interrupted as stop:
         reporter.close()
         if world.is_main:
-            error_console.print(f"stopped by {stop}; checkpoint saved. Resume with: gtrain fit --resume {run_dir}")
+            again = "the same command with --auto-resume, or: " if out is not None else ""
+            error_console.print(
+                f"stopped by {stop}; checkpoint saved. Continue with {again}gtrain fit --resume {run_dir}",
+                highlight=False, markup=False, soft_wrap=True,
+            )  # fmt: skip
         raise typer.Exit(stop.exit_code) from None
     except KeyboardInterrupt:
         reporter.close()

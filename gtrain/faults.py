@@ -7,6 +7,10 @@ fail at exactly those moments:
     GTRAIN_FAULT=kill-during-save:last.pt  SIGKILL this process halfway through writing last.pt
     GTRAIN_FAULT=signal-at-step:N:SIGINT   send SIGINT to this process after optimizer step N
     GTRAIN_FAULT=kill-rank-at-step:R:N     SIGKILL the process of rank R after step N
+    GTRAIN_FAULT=kill-at-step:N            SIGKILL every process after step N
+
+The kills strike only a job's first start: the job that torchrun or SLURM restarts after
+them trains on.
 """
 
 import os
@@ -24,11 +28,15 @@ def kill_now() -> None:
 
 
 def maybe_signal_at_step(global_step: int) -> None:
-    if _FAULT.startswith("signal-at-step:"):
-        _, step, name = _FAULT.split(":")
-        if global_step == int(step):
-            os.kill(os.getpid(), getattr(signal, name))
-    elif _FAULT.startswith("kill-rank-at-step:"):
-        _, rank, step = _FAULT.split(":")
-        if global_step == int(step) and os.environ.get("RANK") == rank:
-            kill_now()
+    if not _FAULT:
+        return
+    from gtrain.distributed import World, restart_count
+
+    kind, *args = _FAULT.split(":")
+    if kind == "signal-at-step" and global_step == int(args[0]):
+        os.kill(os.getpid(), getattr(signal, args[1]))
+    first_start = restart_count() == 0
+    if kind == "kill-rank-at-step" and global_step == int(args[1]) and World.from_env().rank == int(args[0]) and first_start:
+        kill_now()
+    if kind == "kill-at-step" and global_step == int(args[0]) and first_start:
+        kill_now()

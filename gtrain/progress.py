@@ -61,6 +61,10 @@ class Reporter:
         if not self.quiet:
             self._facts(facts, title="gtrain fit", style="bold cyan")
 
+    def notice(self, line: str) -> None:
+        """A line worth reading before the run starts (it prints even with --quiet)."""
+        self.console.print(f"note: {line}", highlight=False, markup=False, soft_wrap=True)
+
     def _facts(self, facts: dict[str, Any], *, title: str, style: str) -> None:
         """A panel of `key value` rows on a terminal; `key: value` lines elsewhere."""
         if self.live:

@@ -9,6 +9,7 @@
     RUN/best_ema.safetensors,
     RUN/final_ema.safetensors       the same for the weight average, with train.ema_decay
     RUN/tensorboard/                event files, with log.tensorboard
+    RUN/.lock                       held by the process training into the folder (run_lock.py)
 
 Only the main process writes, and every file is replaced atomically. Reading the layout
 needs no torch (`gtrain runs` stays quick): the atomic writer, which does, is imported
@@ -95,6 +96,10 @@ class RunFolder:
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
 
 class RunStatus:
     """run.json: what `gtrain runs` shows. Rewritten at the start, after every epoch and
@@ -124,6 +129,15 @@ class RunStatus:
                 previous = {}
             self.record["started"] = previous.get("started", self.record["started"])
             self.record["recipe"] = facts.get("recipe") or previous.get("recipe", "")
+
+    @staticmethod
+    def read(paths: RunFolder) -> dict[str, Any]:
+        """The folder's run.json, or {} when it is missing or unreadable."""
+        try:
+            record = json.loads(paths.status.read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
 
     def update(self, **changes: Any) -> None:
         if not self.enabled:

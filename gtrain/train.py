@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import ValidationError
@@ -33,18 +33,26 @@ from gtrain.evaluate import evaluate
 from gtrain.progress import EpochRow, Reporter, format_seconds
 from gtrain.recipe import SAFE_TO_CHANGE_ON_RESUME, Recipe, load_recipe, unsafe_changes
 from gtrain.run_folder import MetricsLog, RunFolder, RunStatus, require_tensorboard
-from gtrain.training_run import EpochTotals, TrainingRun, build_training_run
+from gtrain.run_lock import RunLock
+from gtrain.training_run import EpochTotals, TrainingRun, build_training_run, rng_state, set_rng_state
+
+# The exit code of a run that stopped with a checkpoint to continue from, for a reason that
+# is not the user's (preemption, a lost process): sysexits' EX_TEMPFAIL, "try again". The
+# same command with --auto-resume, or --resume DIR, continues it.
+RESUMABLE_EXIT_CODE = 75
+
 
 class StopRequest:
-    """First SIGINT/SIGTERM: finish the current step, checkpoint, exit. Second SIGINT:
-    stop at once (the checkpoint on disk is still the previous, intact one)."""
+    """First SIGINT, SIGTERM or SIGUSR1 (what schedulers send before they preempt a job):
+    finish the current step, checkpoint, exit. Second SIGINT: stop at once (the checkpoint
+    on disk is still the previous, intact one)."""
 
     def __init__(self):
         self.signum: int | None = None
         self._previous = {}
 
     def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -63,7 +71,8 @@ class StopRequest:
 
 class Interrupted(Exception):
     def __init__(self, signum: int):
-        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        # Ctrl-C keeps the shell's 130; a scheduler's signal says "resumable".
+        self.exit_code = 130 if signum == signal.SIGINT else RESUMABLE_EXIT_CODE
         super().__init__(signal.Signals(signum).name)
 
 
@@ -88,6 +97,7 @@ class StepSettings:
     mix: Any  # MixUp / CutMix of a batch on the device, or None
     steps_per_epoch: int
     pause_after_s: float  # end a segment this long after it began, to checkpoint
+    checkpoint_steps: int | None  # and after every this many steps of the run
     world: World
 
 
@@ -96,8 +106,8 @@ def train_steps(
     stop: "StopRequest",
 ) -> tuple[EpochTotals, bool]:  # fmt: skip
     """Train from step `first_step` of the epoch to its end, or until a stop request (then the
-    second value is True, on every process) or `settings.pause_after_s` seconds; the caller
-    checkpoints and calls again."""
+    second value is True, on every process), `settings.pause_after_s` seconds or a multiple of
+    `settings.checkpoint_steps`; the caller checkpoints and calls again."""
     device, world, steps_per_epoch = settings.device, settings.world, settings.steps_per_epoch
     model, optimizer, scaler = run.step_model, run.optimizer, run.scaler
     model.train()
@@ -166,6 +176,9 @@ def train_steps(
                 raise NonFiniteLoss(first_bad_step.item())
             if stopped or paused:
                 break
+        # The same step on every process: no need to agree on it.
+        if settings.checkpoint_steps and (global_step + steps) % settings.checkpoint_steps == 0:
+            break
         step_end = time.perf_counter()
     if first_bad_step.item() >= 0:
         raise NonFiniteLoss(first_bad_step.item())
@@ -197,12 +210,26 @@ def non_finite_error(step: int, paths: RunFolder) -> UserError:
 # fit: set up, train and end each epoch, finish
 
 
+@dataclass(frozen=True)
+class FitPlan:
+    """What `gtrain fit` was asked for, before it holds the run folder."""
+
+    recipe: Recipe
+    paths: RunFolder
+    recipe_name: str  # "" for a --resume, whose recipe is the folder's
+    # "new": refuse a folder that holds a run; "continue": continue it (--resume);
+    # "either": continue it if it holds one, else start it (--auto-resume, a launcher's restart).
+    start: Literal["new", "continue", "either"]
+    notice: str | None = None  # a line the command prints before it starts
+
+
 def plan_fit(
-    recipe: str | None, overrides: list[str], *, out: Path | None, resume: Path | None
-) -> tuple[Recipe, RunFolder, str]:
-    """What `gtrain fit` trains and where, and the recipe's name: a new run of `recipe`
-    (default: quickstart) in `out` (default: runs/<recipe>-<start time>), or with `resume`
-    the run in that folder, with its own recipe."""
+    recipe: str | None, overrides: list[str], *, out: Path | None, resume: Path | None, auto_resume: bool = False
+) -> FitPlan:
+    """What `gtrain fit` trains and where: a new run of `recipe` (default: quickstart) in
+    `out` (default: runs/<recipe>-<start time>); with `resume` the run in that folder, with
+    its own recipe; with `auto_resume`, or when torchrun or SLURM restarted the job, the run
+    in `out` if it has started, else a new one."""
     if resume is not None:
         if recipe is not None or out is not None:
             raise UserError(
@@ -212,37 +239,78 @@ def plan_fit(
         if not paths.recipe.is_file():
             raise UserError(f"{resume} is not a gtrain run folder (no recipe.toml): give the folder `gtrain fit` wrote")
         loaded, _ = load_recipe(str(paths.recipe), overrides)
-        return loaded, paths, ""
+        return FitPlan(loaded, paths, "", "continue")
+    if auto_resume and out is None:
+        raise UserError(
+            "--auto-resume continues the folder given by --out, and without --out every run gets a new folder: "
+            "add --out DIR"
+        )
     loaded, name = load_recipe(recipe or "quickstart", overrides)
-    paths = RunFolder(out) if out is not None else RunFolder.new_default(name)
-    if paths.holds_a_run():
-        raise UserError(f"{paths.root} already holds a run: continue it with --resume {paths.root}, or pick another --out")
-    return loaded, paths, name
+    if out is None:
+        paths = RunFolder.new_default(name)
+        notice = None
+        if distributed.restart_count():
+            notice = (
+                f"this is restart {distributed.restart_count()} of the job, but without --out there is no folder to "
+                f"continue: starting over in {paths.root} (give --out DIR to continue instead)"
+            )
+        return FitPlan(loaded, paths, name, "new", notice)
+    restarted = distributed.restart_count() > 0
+    return FitPlan(loaded, RunFolder(out), name, "either" if auto_resume or restarted else "new")
 
 
-def fit(
-    recipe: Recipe,
-    paths: RunFolder,
-    *,
-    reporter: Reporter,
-    device: str | None = None,
-    resume: bool = False,
-    recipe_name: str = "",
-) -> dict[str, Any]:
-    """Train `recipe` into the run folder `paths`; with `resume`, continue from its last checkpoint.
+def fit(plan: FitPlan, *, reporter: Reporter, device: str | None = None) -> dict[str, Any]:
+    """Train the run `plan` describes, holding its folder; continue it from its last
+    checkpoint when the plan says so.
 
-    Under torchrun every process runs this function, in the process group it joins here;
-    only the main one reports and writes files, in the main one's `paths`.
+    Under torchrun or srun every process runs this function, in the process group it joins
+    here; only the main one holds the folder's lock, reports and writes files.
     """
+    recipe = plan.recipe
     device_ = runtime.resolve_device(device or recipe.train.device)
     world = distributed.init(device_)
+    lock: RunLock | None = None
+    peer_lost = False
     try:
-        paths = distributed.broadcast_object(paths, world)  # one start time in the folder's name for all
-        job = set_up(recipe, paths, reporter, device=distributed.local_device(device_, world), resume=resume,
-                     world=world, recipe_name=recipe_name)  # fmt: skip
-        return train_and_finish(job, resume)
+        with distributed.peers_watched(world):
+            paths = distributed.broadcast_object(plan.paths, world)  # one start time in the folder's name for all
+            lock = RunLock(paths)
+            resume = distributed.decided_by_main(lambda: hold_and_decide(plan, paths, lock), world)
+            if resume == "finished":
+                reporter.summary({"nothing to do": f"{paths.root} has finished its {recipe.train.epochs} epochs"})
+                return {"run_dir": str(paths.root), "already_finished": True}
+            if lock.unlocked_because:
+                reporter.notice(f"{lock.unlocked_because}: nothing stops a second process training into it")
+            job = set_up(recipe, paths, reporter, device=distributed.local_device(device_, world), resume=resume,
+                         world=world, recipe_name=plan.recipe_name)  # fmt: skip
+            return train_and_finish(job, resume)
+    except distributed.LostPeer:
+        peer_lost = True  # the group cannot be torn down cleanly without its peer
+        raise
     finally:
-        distributed.shutdown(world)
+        if lock is not None:
+            lock.release()
+        if not peer_lost:
+            distributed.shutdown(world)
+
+
+def hold_and_decide(plan: FitPlan, paths: RunFolder, lock: RunLock) -> bool | str:
+    """Lock the run folder, then decide under the lock: True to continue its run, False to
+    start one, "finished" when an auto-resumed run has nothing left to do."""
+    lock.acquire()
+    if plan.start == "continue":
+        return True
+    if not paths.holds_a_run():
+        return False
+    if plan.start == "new":
+        raise UserError(
+            f"{paths.root} already holds a run: continue it with --resume {paths.root} (or the same command with "
+            "--auto-resume), or pick another --out"
+        )
+    status = RunStatus.read(paths)
+    if paths.final.exists() and status.get("status") == "finished" and status.get("epochs_done", 0) >= plan.recipe.train.epochs:
+        return "finished"
+    return True
 
 
 def train_and_finish(job: "FitSetup", resume: bool) -> dict[str, Any]:
@@ -250,7 +318,7 @@ def train_and_finish(job: "FitSetup", resume: bool) -> dict[str, Any]:
     progress = job.run.progress
     reporter.start(start_facts(job, resume))
     run_start = time.perf_counter() - progress.elapsed_s
-    with recording(job.status), StopRequest() as stop, contextlib.closing(job.metrics_log):
+    with recording(job.status), distributed.peers_watched(world), StopRequest() as stop, contextlib.closing(job.metrics_log):
         job.status.update(
             status="running", epochs_done=progress.epoch, elapsed_s=progress.elapsed_s,
             best_top1=progress.best_top1 if progress.history else None, best_epoch=progress.best_epoch or None,
@@ -290,8 +358,10 @@ class FitSetup:
     pretrained: Any = None  # the report of model.pretrained's loading, or None
 
     def checkpoint(self) -> None:
+        # Every process's random state goes in, so that each continues its own augmentation.
+        rng_of_ranks = distributed.gather_object(rng_state(), self.world) if self.world.distributed else None
         if self.world.is_main:
-            save_state(self.paths.last, self.run.state_dict())
+            save_state(self.paths.last, self.run.state_dict(rng_of_ranks))
 
     def save_weights(self, path: Path, module: nn.Module) -> None:
         if self.world.is_main:
@@ -331,7 +401,7 @@ def set_up(
         channels_last=channels_last, label_smoothing=train.label_smoothing, clip_grad_norm=recipe.optim.clip_grad_norm,
         accumulate_steps=train.accumulate_steps, steps_per_epoch=steps_per_epoch,
         mix=batch_mix(mixup_alpha=recipe.data.mixup_alpha, cutmix_alpha=recipe.data.cutmix_alpha, num_classes=info.num_classes),
-        pause_after_s=train.checkpoint_minutes * 60, world=world,
+        pause_after_s=train.checkpoint_minutes * 60, checkpoint_steps=train.checkpoint_steps, world=world,
     )  # fmt: skip
     if resume:
         resume_run(run, recipe, paths, world, steps_per_epoch)
@@ -375,9 +445,13 @@ def resume_run(run: TrainingRun, recipe: Recipe, paths: RunFolder, world: World,
     run.load_state_dict(state, paths.last)
     progress = run.progress
     progress.stopped_early = False  # check_resumable let it go on
-    if world.rank:  # the checkpoint holds the main process's random state; others branch off it
-        step = progress.epoch * steps_per_epoch + progress.this_epoch.steps
-        torch.manual_seed(recipe.train.seed + 1_000_003 * world.rank + step)
+    if world.rank:  # the others' random states: their own, or on another world size a branch off the main one's
+        saved = state.get("rng_of_ranks")
+        if saved is not None and len(saved) == world.size:
+            set_rng_state(saved[world.rank])
+        else:
+            step = progress.epoch * steps_per_epoch + progress.this_epoch.steps
+            torch.manual_seed(recipe.train.seed + 1_000_003 * world.rank + step)
 
 
 def start_facts(job: FitSetup, resume: bool) -> dict[str, str]:
@@ -533,6 +607,9 @@ def recording(status: RunStatus):
         yield
     except (Interrupted, KeyboardInterrupt):
         status.update(status="interrupted")
+        raise
+    except distributed.LostPeer as lost:
+        status.update(status="interrupted", error=lost.message)
         raise
     except BaseException as error:
         status.update(status="failed", error=error_line(error, last=True))

@@ -106,8 +106,12 @@ class TrainingRun:
             parts["ema"] = self.ema
         return parts
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rng_of_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """With `rng_of_ranks` (every process's `rng_state()`, under torchrun), a resume on as
+        many processes gives each its own random state back."""
         state = {name: part.state_dict() for name, part in self._parts().items()}
+        if rng_of_ranks is not None:
+            state["rng_of_ranks"] = rng_of_ranks
         return {**state, "rng": rng_state(), "recipe": self.recipe}
 
     def check_state(self, state: dict[str, Any], source: Path) -> None:
@@ -118,7 +122,7 @@ class TrainingRun:
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
         """Restore a checkpoint (read from `source`) of this run. The random state is the
-        main process's: the caller re-seeds the others."""
+        main process's: the caller restores or re-seeds the others'."""
         self.check_state(state, source)
         for name, part in self._parts().items():
             if name == "model":

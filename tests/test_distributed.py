@@ -133,3 +133,7 @@ def test_a_dead_worker_ends_the_run_with_its_rank(tmp_path, recipe):
     # torchrun's report names the killed process (rank 1 of 2) and the signal that ended it.
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", result.stderr), result.stderr[-3000:]
     assert "Signal 9" in result.stderr or "SIGKILL" in result.stderr
+    # The survivor's own word: one line, no traceback (torchrun's report of giving up has one).
+    peer_lines = [line for line in result.stderr.splitlines() if "by peer" in line]
+    assert len(peer_lines) == 1 and peer_lines[0].startswith("error: rank 1 of 2 was lost ("), result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr

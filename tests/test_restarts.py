@@ -1,0 +1,216 @@
+"""Runs survive the launchers' restarts: torchrun restarting its workers, the same command
+run again with --auto-resume, srun's processes stopped by SIGUSR1, and a second process
+that would train into a folder a live one holds. Real processes, 2 CPU processes, gloo."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gtrain.distributed import World, first_host, slurm_rendezvous
+from tests.conftest import invoke, tiny_hornet, write_mnist
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """The tiny HorNet of test_distributed: 4 steps per epoch, 2 epochs, deterministic fp32,
+    each process drawing its own augmentation; a checkpoint every 2 steps, so that a restart
+    continues within an epoch."""
+    root = write_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=66)
+    return tiny_hornet(root, {"data.batch_size": 64, "train.epochs": 2, "train.deterministic": True,
+                              "train.checkpoint_steps": 2})  # fmt: skip
+
+
+def environment(fault="", **extra):
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "TORCHELASTIC_"))}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return {**env, "GTRAIN_FAULT": fault, "OMP_NUM_THREADS": "1", **extra}
+
+
+def torchrun(*args, restarts=0, fault="", timeout=240):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               f"--max-restarts={restarts}", "-m", "gtrain", *map(str, args)]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, env=environment(fault), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def left_alone(tmp_path_factory, recipe):
+    """The final weights of the run that nothing interrupted."""
+    out = tmp_path_factory.mktemp("left_alone") / "run"
+    result = torchrun("fit", *recipe, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(out / "final.safetensors")
+
+
+def assert_same_weights(run_dir, reference):
+    weights = load_file(run_dir / "final.safetensors")
+    assert weights.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(weights[key], value), key
+
+
+def epochs_logged(run_dir):
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_restart_after_a_killed_worker_continues_as_if_left_alone(tmp_path, recipe, left_alone):
+    out = tmp_path / "run"
+    # Rank 1 dies after step 7 (epoch 2, step 3); the last checkpoint is that of step 6.
+    result = torchrun("fit", *recipe, "--out", out, restarts=1, fault="kill-rank-at-step:1:7")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The survivor said what happened in one line, with no traceback of its own or torchrun's.
+    assert "error: rank 1 of 2 was lost (" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "resuming after epoch 1, step 2" in result.stdout
+    assert epochs_logged(out) == [1, 2]
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert_same_weights(out, left_alone)
+
+
+def test_the_same_command_with_auto_resume_continues_after_every_process_was_killed(tmp_path, recipe, left_alone):
+    out = tmp_path / "run"
+    command = ["fit", *recipe, "--out", out, "--auto-resume"]
+    killed = torchrun(*command, fault="kill-at-step:5")
+    assert killed.returncode != 0
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["progress"]["step_in_epoch"] == 0
+    again = torchrun(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming after epoch 1, step 0" in again.stdout
+    assert epochs_logged(out) == [1, 2]
+    assert_same_weights(out, left_alone)
+    # Once more: the run has finished, so there is nothing to do, and nothing is rewritten.
+    before = (out / "final.safetensors").stat().st_mtime_ns
+    done = torchrun(*command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "has finished its 2 epochs" in done.stdout
+    assert (out / "final.safetensors").stat().st_mtime_ns == before
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def srun_like(args, fault="", timeout=240):
+    """Two processes started as `srun --ntasks 2 gtrain ...` starts them: SLURM's variables,
+    no torchrun. MASTER_ADDR is the first host of the node list."""
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gtrain", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=environment(fault, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS="2",
+                            SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="1", MASTER_PORT=str(port)),
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=timeout) for process in processes]
+    return [(process.returncode, out, err) for process, (out, err) in zip(processes, outputs)]
+
+
+def test_srun_processes_train_as_torchrun_and_sigusr1_leaves_a_checkpoint_that_resumes(tmp_path, recipe, left_alone):
+    out = tmp_path / "run"
+    command = ["fit", *recipe, "--out", out, "--auto-resume"]
+    # SIGUSR1 reaches both processes after step 5, as `sbatch --signal=USR1@T` sends it to every task.
+    (code0, out0, err0), (code1, out1, err1) = srun_like(command, fault="signal-at-step:5:SIGUSR1")
+    assert (code0, code1) == (75, 75), err0[-2000:] + err1[-2000:]
+    assert "2 processes x 32" in out0 and out1 == ""  # one global batch split in two; rank 0 alone reports
+    assert "stopped by SIGUSR1; checkpoint saved" in err0
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["progress"]["step_in_epoch"] == 1
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+
+    (code0, out0, err0), (code1, _, err1) = srun_like(command)
+    assert (code0, code1) == (0, 0), err0[-2000:] + err1[-2000:]
+    assert epochs_logged(out) == [1, 2]  # one writer: each epoch once
+    assert_same_weights(out, left_alone)
+
+
+def test_a_second_process_cannot_train_into_a_folder_a_live_one_holds(tmp_path, recipe):
+    out = tmp_path / "run"
+    single = recipe[:-2]  # without the checkpoints every 2 steps
+    assert recipe[-2:] == ["--set", "train.checkpoint_steps=2"]
+    # The holder stops itself (SIGSTOP) after step 6: alive, holding the folder, writing nothing.
+    holder = subprocess.Popen([sys.executable, "-m", "gtrain", "fit", *single, "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=environment("signal-at-step:6:SIGSTOP"))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while open(f"/proc/{holder.pid}/stat").read().split(")")[-1].split()[0] != "T":
+            assert holder.poll() is None and time.monotonic() < deadline, "the holder did not stop itself"
+            time.sleep(0.1)
+        before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+        second = subprocess.run([sys.executable, "-m", "gtrain", "fit", "--resume", str(out)], capture_output=True,
+                                text=True, env=environment(), timeout=120)  # fmt: skip
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"is being trained by pid {holder.pid} on {socket.gethostname()} since" in lines[0]
+        assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops its lock
+        holder.wait()
+
+    resumed = subprocess.run([sys.executable, "-m", "gtrain", "fit", "--resume", str(out)], capture_output=True,
+                             text=True, env=environment(), timeout=120)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert epochs_logged(out) == [1, 2]
+
+
+def test_auto_resume_needs_a_folder_to_continue(recipe):
+    result = invoke("fit", *recipe, "--auto-resume")
+    assert result.exit_code == 2
+    assert "--auto-resume continues the folder given by --out" in result.output
+
+
+def test_auto_resume_refuses_a_folder_trained_with_another_recipe(tmp_path, recipe):
+    out = tmp_path / "run"
+    assert invoke("fit", *recipe, "--set", "train.epochs=1", "--out", out).exit_code == 0
+    result = invoke("fit", *recipe, "--set", "optim.lr=0.5", "--out", out, "--auto-resume")
+    assert result.exit_code == 2
+    assert f"cannot resume {out}: the recipe differs from the one it was trained with in optim.lr" in result.output
+
+
+def test_a_folder_that_holds_a_run_is_not_overwritten_without_resume(tmp_path, recipe):
+    out = tmp_path / "run"
+    assert invoke("fit", *recipe, "--set", "train.epochs=1", "--out", out).exit_code == 0
+    result = invoke("fit", *recipe, "--set", "train.epochs=1", "--out", out)
+    assert result.exit_code == 2
+    assert f"{out} already holds a run: continue it with --resume {out}" in result.output
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "host"),
+    [("gpu[07-09,12],cpu1", "gpu07"), ("rack[1-2]-n[3,5]", "rack1-n3"), ("node1,node2", "node1"), ("n[001]", "n001")],
+)
+def test_the_rendezvous_host_is_the_first_of_the_job(nodelist, host):
+    assert first_host(nodelist) == host
+    assert slurm_rendezvous({"SLURM_JOB_NODELIST": nodelist, "SLURM_JOB_ID": "123456"}) == f"{host}:{20000 + 3456}"
+    assert slurm_rendezvous({"SLURM_JOB_NODELIST": nodelist, "MASTER_ADDR": "h", "MASTER_PORT": "9"}) == "h:9"
+
+
+def test_srun_variables_make_the_world_and_torchrun_s_win(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    # A batch script sees the job's task count but is one process.
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert World.from_env() == World()
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert World.from_env() == World(rank=5, size=8, local_rank=1)
+    # `srun torchrun ...`: the workers follow torchrun, one srun task per node.
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert World.from_env() == World(rank=3, size=16, local_rank=3)
