@@ -193,6 +193,94 @@ def eval_(
         console.print(f"confusion matrix plot: {report['plot']}", highlight=False, markup=False)
 
 
+# A terminal shows a table of predictions up to this many images, a progress bar beyond.
+PREDICT_TABLE_MAX = 20
+
+
+@app.command()
+def predict(
+    weights: Annotated[Path, typer.Argument(help="A run folder (its best weights) or a .safetensors file gtrain wrote.")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="Image files, folders (searched recursively) or @list.txt (one path a line).")
+    ],
+    out: Annotated[Optional[Path], typer.Option(help="Write the predictions to a .jsonl or .csv file.")] = None,
+    topk: Annotated[int, typer.Option(min=1, help="Classes per image, best first.")] = 5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes that read and resize images.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[
+        Optional[str],
+        typer.Option(help="auto, fp32, bf16 or fp16 (default: the run's train.precision; auto for other weights)."),
+    ] = None,
+    channels_last: Annotated[
+        Optional[bool],
+        typer.Option("--channels-last/--no-channels-last", help="Memory format (default: the run's)."),
+    ] = None,
+    tta: Annotated[str, typer.Option(help="Test-time augmentation: none, or flip.")] = "none",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON Lines (one object per image) and nothing else.")] = False,
+) -> None:
+    """Classify images with trained weights: the top classes of each, with probabilities.
+
+    Images are prepared exactly as `gtrain eval` prepares them for these weights. Exit codes:
+    0 every image classified; 1 some could not be read (listed with their error, the others
+    still written); 2 a mistake to fix."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    from gtrain.predict import run_predict
+
+    rows: list[dict] = []  # a few images: shown as a table at the end
+    bar: dict = {}  # many: a progress bar with images/s
+
+    def on_record(record: dict, total: int) -> None:
+        if as_json:
+            return
+        if total <= PREDICT_TABLE_MAX:
+            rows.append(record)
+            return
+        if not bar:
+            bar["progress"] = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(),
+                                       TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console)  # fmt: skip
+            bar["progress"].start()
+            bar["task"] = bar["progress"].add_task("predict", total=total, rate="")
+            bar["start"], bar["done"] = time.perf_counter(), 0
+        bar["done"] += 1
+        rate = bar["done"] / max(time.perf_counter() - bar["start"], 1e-9)
+        bar["progress"].update(bar["task"], completed=bar["done"], rate=f"{rate:,.0f} img/s")
+
+    try:
+        summary = run_predict(
+            weights, inputs, out=out, topk=topk, batch_size=batch_size, workers=workers, device=device,
+            precision=precision, channels_last=channels_last, tta=tta, stream=sys.stdout if as_json else None,
+            on_record=on_record,
+        )  # fmt: skip
+    except UserError as error:
+        raise fail(error) from None
+    finally:
+        if bar:
+            bar["progress"].stop()
+    if rows:
+        table = Table(title=f"predictions ({weights})")
+        table.add_column("path")
+        for k in range(1, topk + 1):
+            table.add_column(f"#{k}" if topk > 1 else "class")
+        for record in rows:
+            cells = [f"{c['class']} {c['probability']:.1%}" for c in record.get("predictions", [])]
+            if "error" in record:
+                cells = [f"error: {record['error']}"] + [""] * (topk - 1)
+            table.add_row(*(Text(cell) for cell in [record["path"], *cells]))
+        console.print(table)
+    line = (
+        f"{summary.images:,} images, {summary.failed:,} failed, {summary.seconds:.1f} s "
+        f"({summary.images_per_s:,.0f} img/s)" + (f"; written to {out}" if out is not None else "")
+    )
+    (error_console if as_json else console).print(line, highlight=False, markup=False)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 @app.command()
 def recipes(
     reference: Annotated[

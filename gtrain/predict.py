@@ -1,0 +1,300 @@
+"""`gtrain predict` and `Classifier`: what is in these images, by a trained model.
+
+A weights file gtrain wrote carries what it takes to classify a new image: the model,
+its class names, image size, channels, mean and std, and the dataset it was trained on,
+whose row of the dataset table gives the geometry of its evaluation transform. Images go
+through exactly what `gtrain eval` does to them (PIL decoding, the model's mode "L" or
+"RGB", resize and centre crop, normalisation), in batches from a DataLoader, and the model
+runs in the precision and memory format the run validated with.
+
+    from gtrain import Classifier
+    classifier = Classifier.load("runs/exp1")                   # a run folder or a .safetensors
+    classifier.predict(["cat.jpg", pil_image], topk=3)
+    # [[{"class": "cat", "probability": 0.93}, ...], [...]]
+"""
+
+import csv
+import io
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from torchvision.transforms.functional import to_pil_image
+
+from gtrain import runtime
+from gtrain.checkpoint import WeightsMeta, load_model
+from gtrain.errors import UserError, error_line
+
+# What a folder is searched for: the image types torchvision's ImageFolder reads with PIL.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+OUTPUT_FORMATS = (".jsonl", ".csv")
+
+
+class ConvertMode:
+    """PIL image -> the mode the model reads ("L" for 1 channel, "RGB" for 3). A class, not a
+    lambda, so that DataLoader workers can be started by any method."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+
+def image_transform(meta: WeightsMeta) -> transforms.Compose:
+    """`gtrain eval`'s transform for the weights' dataset, for any image."""
+    from gtrain.data import DATASETS, IMAGE_FOLDER_SPEC, eval_transform
+
+    spec = DATASETS.get(meta.dataset, IMAGE_FOLDER_SPEC)
+    steps = list(eval_transform(spec, meta.image_size).transforms)
+    steps[-1] = transforms.Normalize(meta.mean, meta.std)  # the weights' own statistics (the same numbers)
+    return transforms.Compose([ConvertMode("L" if meta.in_chans == 1 else "RGB"), *steps])
+
+
+class Classifier:
+    """Trained weights, loaded once, that classify images: PIL images, paths, uint8 image
+    tensors (C, H, W), or float tensors already preprocessed (C, H, W) or (N, C, H, W)."""
+
+    def __init__(self, model: torch.nn.Module, meta: WeightsMeta, *, device: torch.device, precision: str,
+                 channels_last: bool, weights: Path | None = None):  # fmt: skip
+        self.model = model.to(device).eval()
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.meta, self.device, self.precision, self.channels_last = meta, device, precision, channels_last
+        self.weights = weights
+        self.transform = image_transform(meta)
+
+    @classmethod
+    def load(
+        cls, weights: str | Path, *, device: str = "auto", precision: str | None = None, channels_last: bool | None = None
+    ) -> "Classifier":
+        """A run folder (its best weights, as `gtrain eval` picks them) or a .safetensors file.
+        precision / channels_last: the run's own (its recipe.toml) unless given; "auto" for a
+        file outside a run folder."""
+        from gtrain.evaluate import recipe_of
+
+        model, meta, path = load_model(Path(weights))
+        recipe = recipe_of(path, meta, [])
+        device_ = runtime.resolve_device(device)
+        precision = runtime.resolve_precision(precision or recipe.train.precision, device_, "--precision")
+        if channels_last is None:
+            channels_last = runtime.resolve_channels_last(recipe.train.channels_last, device_)
+        return cls(model, meta, device=device_, precision=precision, channels_last=channels_last, weights=path)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.meta.class_names
+
+    def preprocess(self, image: Any) -> torch.Tensor:
+        """One image -> the normalised (C, H, W) float tensor the model reads."""
+        if isinstance(image, str | Path):
+            return self.transform(read_image(Path(image)))
+        if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+            return self.transform(to_pil_image(image))
+        if isinstance(image, torch.Tensor):
+            return image
+        if isinstance(image, Image.Image):
+            return self.transform(image)
+        raise TypeError(f"cannot classify a {type(image).__name__}: give PIL images, paths or tensors")
+
+    @torch.no_grad()
+    def probabilities(self, batch: torch.Tensor, *, tta: str = "none") -> torch.Tensor:
+        """(N, C, H, W) preprocessed images -> (N, classes) float32 probabilities on the CPU."""
+        from gtrain.evaluate import check_tta, class_scores
+
+        check_tta(tta)
+        batch = batch.to(self.device, non_blocking=True)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        scores = class_scores(self.model, batch, tta=tta, device=self.device, precision=self.precision)
+        return scores.softmax(dim=1).cpu()
+
+    def predict(
+        self, images: Any, *, topk: int = 5, batch_size: int = 64, tta: str = "none"
+    ) -> list[list[dict[str, Any]]]:
+        """For each image, its `topk` classes, best first: [{"class": ..., "probability": ...}]."""
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            images = list(images)
+        elif not isinstance(images, list | tuple):
+            images = [images]
+        results = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([self.preprocess(image) for image in images[start : start + batch_size]])
+            results += self.top_classes(self.probabilities(batch, tta=tta), topk)
+        return results
+
+    def top_classes(self, probabilities: torch.Tensor, topk: int) -> list[list[dict[str, Any]]]:
+        values, indices = probabilities.topk(min(topk, probabilities.shape[1]), dim=1)
+        names = self.class_names
+        return [
+            [{"class": names[i], "probability": p} for p, i in zip(row_values.tolist(), row_indices.tolist())]
+            for row_values, row_indices in zip(values, indices)
+        ]
+
+
+def read_image(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()  # decode now, inside the caller's error handling, not lazily later
+        return image
+
+
+# ---------------------------------------------------------------------------------------
+# The command: inputs, a loader over them, the records written
+
+
+def find_images(inputs: Iterable[str]) -> list[Path]:
+    """Image files named, found in folders (recursively, by suffix, sorted), or listed one per
+    line in @LIST files (blank lines and # comments skipped; paths relative to the current
+    folder); a file named outright is tried whatever its suffix."""
+    found: list[Path] = []
+    for item in inputs:
+        if item.startswith("@"):
+            listing = Path(item[1:])
+            try:
+                lines = listing.read_text().splitlines()
+            except OSError as error:
+                raise UserError(f"cannot read the list {listing}: {error.strerror}") from None
+            found += [Path(line.strip()) for line in lines if line.strip() and not line.strip().startswith("#")]
+        elif Path(item).is_dir():
+            found += sorted(p for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif Path(item).exists():
+            found.append(Path(item))
+        else:
+            raise UserError(f"{item} does not exist: give image files, folders of images or @list.txt")
+    if not found:
+        raise UserError(
+            f"no images found in {', '.join(inputs)}: folders are searched for {', '.join(IMAGE_SUFFIXES)} files"
+        )
+    return found
+
+
+class ImageFiles(Dataset):
+    """Image i of `paths`, preprocessed, or a zero image and the reason it could not be read:
+    one unreadable file must not stop the others."""
+
+    def __init__(self, paths: list[Path], transform, shape: tuple[int, int, int]):
+        self.paths, self.transform, self.shape = paths, transform, shape
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            return self.transform(read_image(self.paths[index])), ""
+        except Exception as error:  # PIL raises many types for a bad file; each becomes its record's error
+            return torch.zeros(self.shape), error_line(error, with_type=True)
+
+
+@dataclass
+class PredictSummary:
+    images: int
+    failed: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def check_output(out: Path | None, to_stream: bool = False) -> None:
+    if out is not None and to_stream:
+        raise UserError(f"--json prints the predictions and --out {out} writes them to a file: give one of the two")
+    if out is not None and out.suffix.lower() not in OUTPUT_FORMATS:
+        raise UserError(f"--out {out}: write .jsonl (one JSON object per image) or .csv (one row per image)")
+
+
+def predictions(
+    classifier: Classifier, paths: list[Path], *, topk: int, batch_size: int, workers: int, tta: str
+) -> Iterator[dict[str, Any]]:
+    """One record per path, in input order: {"path", "predictions"} or {"path", "error"}."""
+    meta = classifier.meta
+    dataset = ImageFiles(paths, classifier.transform, (meta.in_chans, meta.image_size, meta.image_size))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=classifier.device.type == "cuda")  # fmt: skip
+    index = 0
+    for batch, errors in loader:
+        ranked = classifier.top_classes(classifier.probabilities(batch, tta=tta), topk)
+        for top, error in zip(ranked, errors):
+            path = str(paths[index])
+            index += 1
+            yield {"path": path, "error": error} if error else {"path": path, "predictions": top}
+
+
+def csv_header(topk: int) -> list[str]:
+    columns = ["path", "class", "probability"]
+    for k in range(2, topk + 1):
+        columns += [f"class_{k}", f"probability_{k}"]
+    return [*columns, "error"]
+
+
+def csv_row(record: dict[str, Any], topk: int) -> list[Any]:
+    cells: list[Any] = [record["path"]]
+    top = record.get("predictions", [])
+    for k in range(topk):
+        cells += [top[k]["class"], top[k]["probability"]] if k < len(top) else ["", ""]
+    return [*cells, record.get("error", "")]
+
+
+class RecordWriter:
+    """Records to a .jsonl or .csv file as they come, or as JSON Lines to a text stream."""
+
+    def __init__(self, out: Path | None, topk: int, stream: io.TextIOBase | None = None):
+        self.topk = topk
+        self.csv = out is not None and out.suffix.lower() == ".csv"
+        if out is not None:
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                self.file = out.open("w", newline="")
+            except OSError as error:
+                raise UserError(f"cannot write {out}: {error.strerror}; choose a writable --out") from None
+        else:
+            self.file = stream
+        self.rows = csv.writer(self.file) if self.csv and self.file is not None else None
+        if self.rows is not None:
+            self.rows.writerow(csv_header(topk))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
+        if self.rows is not None:
+            self.rows.writerow(csv_row(record, self.topk))
+        else:
+            self.file.write(json.dumps(record) + "\n")
+
+
+
+def run_predict(
+    weights: Path, inputs: list[str], *, out: Path | None, topk: int, batch_size: int, workers: int, device: str,
+    precision: str | None, channels_last: bool | None, tta: str, stream=None, on_record=None,
+) -> PredictSummary:  # fmt: skip
+    """`gtrain predict`: classify every input; write each record to `out` (or to `stream`)
+    and give it to `on_record` (the command's table or progress bar)."""
+    from gtrain.data import check_flip_keeps_the_class
+    from gtrain.evaluate import check_tta
+
+    check_tta(tta)
+    check_output(out, to_stream=stream is not None)
+    classifier = Classifier.load(weights, device=device, precision=precision, channels_last=channels_last)
+    if tta == "flip":
+        check_flip_keeps_the_class(classifier.meta.dataset)
+    paths = find_images(inputs)
+    writer = RecordWriter(out, topk, stream)
+    start = time.perf_counter()
+    failed = 0
+    try:
+        for record in predictions(classifier, paths, topk=topk, batch_size=batch_size, workers=workers, tta=tta):
+            failed += "error" in record
+            writer.write(record)
+            if on_record is not None:
+                on_record(record, len(paths))
+    finally:
+        if out is not None:
+            writer.file.close()
+    return PredictSummary(images=len(paths), failed=failed, seconds=time.perf_counter() - start)
