@@ -11,6 +11,7 @@ the old file, so a crash at any moment leaves the previous file intact.
 
 import io
 import json
+import math
 import os
 import stat
 import tempfile
@@ -25,7 +26,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from gtrain import __version__, faults
-from gtrain.errors import UserError, error_line
+from gtrain.errors import UserError, did_you_mean, error_line, printable
 from gtrain.models import create_model
 from gtrain.run_folder import RunFolder
 
@@ -116,20 +117,149 @@ class WeightsMeta:
 
     @classmethod
     def from_strings(cls, meta: dict[str, str], source: Path) -> "WeightsMeta":
-        try:
-            return cls(
-                model=meta["model"],
-                num_classes=int(meta["num_classes"]),
-                in_chans=int(meta["in_chans"]),
-                image_size=int(meta["image_size"]),
-                mean=tuple(json.loads(meta["mean"])),
-                std=tuple(json.loads(meta["std"])),
-                class_names=tuple(json.loads(meta["class_names"])),
-                dataset=meta.get("dataset", ""),
-                model_settings=json.loads(meta.get("model_settings", "{}")),
+        """Parse and check the metadata of a weights file, field by field: it is free text
+        that anyone can edit, and it decides what gets built."""
+        missing = [key for key in ("model", "num_classes", "in_chans", "image_size", "mean", "std", "class_names")
+                   if key not in meta]  # fmt: skip
+        if missing:
+            raise UserError(
+                f"{printable(source)}: weights without gtrain metadata (no {', '.join(missing)}); "
+                "was it written by gtrain fit? (to fine-tune from other weights, use model.pretrained)"
             )
-        except (KeyError, ValueError) as error:
-            raise UserError(f"{source}: weights without gtrain metadata ({error}); was it written by gtrain fit?") from None
+        field = _MetaFields(meta, source)
+        model = field.model()
+        num_classes = field.integer("num_classes", 1, MAX_CLASSES)
+        in_chans = field.integer("in_chans", 1, MAX_CHANNELS)
+        class_names = field.json("class_names", list)
+        if not all(isinstance(name, str) and len(name) <= MAX_NAME for name in class_names) or len(class_names) != num_classes:
+            raise field.bad("class_names", meta["class_names"], f"must be {num_classes} names (num_classes), each a string")
+        return cls(
+            model=model, num_classes=num_classes, in_chans=in_chans,
+            image_size=field.integer("image_size", 1, MAX_IMAGE_SIZE),
+            mean=field.numbers("mean", in_chans, 0.0, 1.0), std=field.numbers("std", in_chans, 1e-6, 10.0),
+            class_names=tuple(class_names), dataset=field.text("dataset"), model_settings=field.model_settings(model),
+        )  # fmt: skip
+
+
+# What a weights file's metadata may say; beyond these it is damaged or hostile.
+MAX_CLASSES = 1_000_000
+MAX_CHANNELS = 64
+MAX_IMAGE_SIZE = 8192
+MAX_NAME = 1000  # characters of a class or dataset name
+
+
+class _MetaFields:
+    """Reads one field of weights metadata at a time; anything off is one line naming it."""
+
+    def __init__(self, meta: dict[str, str], source: Path):
+        self.meta, self.source = meta, source
+
+    def bad(self, key: str, value: Any, expected: str) -> UserError:
+        shown = printable(repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "...")
+        return UserError(
+            f"{printable(self.source)}: metadata {key} = {shown} {expected}; the file was damaged or edited "
+            "after gtrain wrote it"
+        )
+
+    def model(self) -> str:
+        from gtrain.models import list_models
+
+        name = self.meta["model"]
+        if name not in list_models():
+            raise self.bad("model", name, f"is not a gtrain model: {did_you_mean(name, list_models())}")
+        return name
+
+    def integer(self, key: str, low: int, high: int) -> int:
+        value = self.meta[key]
+        if not (isinstance(value, str) and value.strip().isdigit() and low <= int(value) <= high):
+            raise self.bad(key, value, f"must be a whole number from {low} to {high:,}")
+        return int(value)
+
+    def json(self, key: str, kind: type, default: str | None = None) -> Any:
+        try:
+            value = json.loads(self.meta.get(key, default) if default is not None else self.meta[key])
+        except (TypeError, ValueError):
+            value = None
+        if not isinstance(value, kind):
+            raise self.bad(key, self.meta.get(key), f"must be a JSON {kind.__name__}")
+        return value
+
+    def numbers(self, key: str, count: int, low: float, high: float) -> tuple[float, ...]:
+        values = self.json(key, list)
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) and low <= v <= high for v in values)
+        if len(values) != count or not numeric:
+            raise self.bad(key, self.meta[key], f"must be {count} numbers (one per channel) from {low:g} to {high:g}")
+        return tuple(float(v) for v in values)
+
+    def text(self, key: str) -> str:
+        value = self.meta.get(key, "")
+        if len(value) > MAX_NAME:
+            raise self.bad(key, value, f"must be at most {MAX_NAME} characters")
+        return value
+
+    def model_settings(self, model: str) -> dict[str, Any]:
+        from gtrain.recipe import check_model_settings
+
+        settings = self.json("model_settings", dict, default="{}")
+        problems = check_model_settings(model, settings)
+        if problems:
+            raise self.bad("model_settings", self.meta.get("model_settings"), f"is not valid for {model}: {problems[0]}")
+        return settings
+
+
+def check_tensor_shapes(meta: WeightsMeta, shapes: dict[str, tuple[int, ...]], source: Path) -> None:
+    """The tensors must be those of the model the metadata describes, name for name and shape
+    for shape: checked on the meta device, before anything is allocated."""
+    from gtrain.pretrained import classifier_keys, stem_weight_key
+
+    with torch.device("meta"):
+        model = create_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans, **meta.model_settings)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    head, stem = classifier_keys(model)[0], stem_weight_key(model)
+    name = printable(source)
+    if head in shapes and shapes[head][:1] != (meta.num_classes,):
+        raise UserError(
+            f"{name}: metadata num_classes = {meta.num_classes}, but the head tensor {head} has shape "
+            f"{shapes[head]}: the file was damaged or edited after gtrain wrote it"
+        )
+    if stem in shapes and shapes[stem][1:2] != (meta.in_chans,):
+        raise UserError(
+            f"{name}: metadata in_chans = {meta.in_chans}, but the stem tensor {stem} has shape {shapes[stem]}: "
+            "the file was damaged or edited after gtrain wrote it"
+        )
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    mismatched = [key for key in expected if key in shapes and shapes[key] != expected[key]]
+    if missing or unexpected or mismatched:
+        detail = "; ".join(
+            part for part in (
+                f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                f"{len(unexpected)} unexpected (e.g. {printable(unexpected[0])})" if unexpected else "",
+                f"{len(mismatched)} of another shape (e.g. {mismatched[0]}: {shapes[mismatched[0]]} in the file, "
+                f"{expected[mismatched[0]]} for the model)" if mismatched else "",
+            ) if part
+        )  # fmt: skip
+        raise UserError(f"{name}: its tensors are not those of {meta.model} as its metadata describes it: {detail}")
+
+
+def check_fits_in_memory(nbytes: int, source: Path) -> None:
+    """Refuse, before reading, a file whose tensors would not fit in the memory left."""
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise UserError(
+            f"{printable(source)}: its tensors need {nbytes / 2**30:,.1f} GiB and {available / 2**30:,.1f} GiB of "
+            "memory is available: free memory, or check that this is the file you meant"
+        )
+
+
+def available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def save_weights(path: Path, model: nn.Module, meta: WeightsMeta) -> None:
@@ -142,12 +272,26 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], WeightsMeta]:
     if not path.is_file():
         raise UserError(f"no weights file at {path}")
     try:
-        tensors = load_safetensors_file(path)
-        with safe_open(path, "pt") as file:
+        with safe_open(path, "pt") as file:  # the header only: names, shapes, dtypes, metadata
             meta = file.metadata() or {}
+            header = {key: file.get_slice(key) for key in file.keys()}
+            shapes = {key: tuple(part.get_shape()) for key, part in header.items()}
+            nbytes = sum(math.prod(shape) * _DTYPE_BYTES.get(part.get_dtype(), 8) for shape, part in zip(shapes.values(), header.values()))
     except (SafetensorError, ValueError, OSError) as error:
-        raise UserError(f"cannot read {path}: not a valid safetensors file ({error})") from None
-    return tensors, WeightsMeta.from_strings(meta, path)
+        raise UserError(f"cannot read {printable(path)}: not a valid safetensors file ({printable(error_line(error))})") from None
+    parsed = WeightsMeta.from_strings(meta, path)
+    check_tensor_shapes(parsed, shapes, path)
+    check_fits_in_memory(nbytes, path)
+    try:
+        tensors = load_safetensors_file(path)
+    except (SafetensorError, ValueError, OSError) as error:
+        raise UserError(f"cannot read {printable(path)}: not a valid safetensors file ({printable(error_line(error))})") from None
+    return tensors, parsed
+
+
+# Bytes per element of the safetensors dtypes (unknown ones count as 8).
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
 
 
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Path) -> None:

@@ -13,9 +13,10 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 from rich.table import Table
 
-from gtrain.errors import UserError, error_line
+from gtrain.errors import UserError, error_line, printable
 
 app = typer.Typer(
     help="Train grouped-convolution image classifiers (ResNeXt, HorNet) from TOML recipes.",
@@ -34,7 +35,8 @@ SetOption = Annotated[
 
 def fail(error: UserError) -> typer.Exit:
     # Escaped: a message may hold brackets ('gtrain[plot]', a list of keys) that rich would take for markup.
-    error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    # printable: a message may quote a class name, a folder name or a path from someone else's disk.
+    error_console.print(f"[bold red]error:[/] {escape(printable(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(UserError.exit_code)
 
 
@@ -85,7 +87,7 @@ def fit(
         reporter.close()
         # Every survivor says it: the lost process may have been the main one.
         error_console.print(
-            f"[bold red]error:[/] {escape(lost.message)}; the last checkpoint in {escape(str(run_dir))} is intact: "
+            f"[bold red]error:[/] {escape(printable(lost.message))}; the last checkpoint in {escape(printable(run_dir))} is intact: "
             "torchrun --max-restarts continues it, or the same command with --auto-resume",
             highlight=False, soft_wrap=True,
         )  # fmt: skip
@@ -102,14 +104,14 @@ def fit(
         if world.is_main:
             again = "the same command with --auto-resume, or: " if out is not None else ""
             error_console.print(
-                f"stopped by {stop}; checkpoint saved. Continue with {again}gtrain fit --resume {run_dir}",
+                f"stopped by {stop}; checkpoint saved. Continue with {again}gtrain fit --resume {printable(run_dir)}",
                 highlight=False, markup=False, soft_wrap=True,
             )  # fmt: skip
         raise typer.Exit(stop.exit_code) from None
     except KeyboardInterrupt:
         reporter.close()
         if world.is_main:
-            error_console.print(f"stopped at once; the last checkpoint in {run_dir} is intact")
+            error_console.print(f"stopped at once; the last checkpoint in {printable(run_dir)} is intact", markup=False)
         raise typer.Exit(130) from None
 
 
@@ -175,7 +177,7 @@ def eval_(
         sys.stdout.write(json.dumps(report) + "\n")
         return
     console.print(
-        f"{report['model']} on {report['dataset']} ({report['split']}, {report['images']:,} images): "
+        f"{report['model']} on {printable(report['dataset'])} ({report['split']}, {report['images']:,} images): "
         f"top-1 {report['top1']:.2%}  top-5 {report['top5']:.2%}  loss {report['loss']:.4f}  "
         f"{report['images_per_s']:,.0f} img/s  {report['device']} {report['precision']}"
         + (f"  tta {report['tta']}" if report["tta"] else ""),
@@ -187,10 +189,10 @@ def eval_(
         for i, column in enumerate(block.columns):
             table.add_column(column, justify="left" if i < block.name_columns else "right")
         for row in block.rows:
-            table.add_row(*(Text(cell) for cell in row))  # Text: a class named "[red]" is not markup
+            table.add_row(*(Text(printable(cell)) for cell in row))  # Text: a class named "[red]" is not markup
         console.print(table)
     if report["plot"]:
-        console.print(f"confusion matrix plot: {report['plot']}", highlight=False, markup=False)
+        console.print(f"confusion matrix plot: {printable(report['plot'])}", highlight=False, markup=False)
 
 
 # A terminal shows a table of predictions up to this many images, a progress bar beyond.
@@ -262,7 +264,7 @@ def predict(
         if bar:
             bar["progress"].stop()
     if rows:
-        table = Table(title=f"predictions ({weights})")
+        table = Table(title=Text(f"predictions ({printable(weights)})"))
         table.add_column("path")
         for k in range(1, topk + 1):
             table.add_column(f"#{k}" if topk > 1 else "class")
@@ -270,11 +272,11 @@ def predict(
             cells = [f"{c['class']} {c['probability']:.1%}" for c in record.get("predictions", [])]
             if "error" in record:
                 cells = [f"error: {record['error']}"] + [""] * (topk - 1)
-            table.add_row(*(Text(cell) for cell in [record["path"], *cells]))
+            table.add_row(*(Text(printable(cell)) for cell in [record["path"], *cells]))
         console.print(table)
     line = (
         f"{summary.images:,} images, {summary.failed:,} failed, {summary.seconds:.1f} s "
-        f"({summary.images_per_s:,.0f} img/s)" + (f"; written to {out}" if out is not None else "")
+        f"({summary.images_per_s:,.0f} img/s)" + (f"; written to {printable(out)}" if out is not None else "")
     )
     (error_console if as_json else console).print(line, highlight=False, markup=False)
     if summary.failed:
@@ -386,17 +388,17 @@ def runs(
         sys.stdout.write(json.dumps([run.to_json() for run in found]) + "\n")
         return
     if not found:
-        console.print(f"no runs in {folder} (gtrain fit writes them to runs/)", highlight=False)
+        console.print(f"no runs in {printable(folder)} (gtrain fit writes them to runs/)", highlight=False, markup=False)
         return
     rows = [format_row(run) for run in found]
     columns = [column for column in rows[0] if any(row[column] for row in rows)]  # no empty note column
-    table = Table(title=f"runs in {folder}")
+    table = Table(title=Text(f"runs in {printable(folder)}"))
     for column in columns:
         justify = "right" if column in ("epochs", "best top-1", "time") else "left"
         # In a narrow terminal a run's name folds and its status stays whole, rather than either losing its end.
         table.add_column(column, justify=justify, overflow="fold" if column == "run" else "ellipsis", no_wrap=column == "status")
     for row in rows:
-        table.add_row(*(row[column] for column in columns))
+        table.add_row(*(Text(printable(row[column])) for column in columns))
     console.print(table, highlight=False)
 
 
@@ -415,7 +417,7 @@ def plot(
         written = plot_runs(run_dirs, out)
     except UserError as error:
         raise fail(error) from None
-    console.print(f"wrote {written}", highlight=False)
+    console.print(f"wrote {printable(written)}", highlight=False, markup=False)
 
 
 @app.command()
@@ -452,7 +454,7 @@ def export(
         check = "not checked"
     size = f"{result.size_bytes / 1e6:.1f} MB"
     console.print(
-        f"{result.format}: {result.path} ({size}, {result.image_size} px), {check}", highlight=False, markup=False, soft_wrap=True
+        f"{result.format}: {printable(result.path)} ({size}, {result.image_size} px), {check}", highlight=False, markup=False, soft_wrap=True
     )
     if result.note:
         console.print(result.note, highlight=False, markup=False)

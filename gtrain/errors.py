@@ -1,4 +1,5 @@
-"""The one error type for user mistakes, and the two helpers its messages are made with.
+"""The one error type for user mistakes, the helpers its messages are made with, and
+`printable`, through which every untrusted string passes on its way to a terminal.
 
 Anything a user can fix (a bad recipe key, a missing dataset, a wrong checkpoint)
 raises `UserError` with a single line that says what is wrong, where, and how to fix
@@ -34,3 +35,15 @@ def error_line(error: BaseException, *, last: bool = False, with_type: bool = Fa
         return type(error).__name__
     line = (lines[-1] if last else lines[0])[:limit]
     return f"{type(error).__name__}: {line}" if with_type else line
+
+
+def printable(text: object) -> str:
+    """`text` with every character a terminal would act on or hide shown as its escape:
+    control characters (ESC starts a terminal command), format characters (right-to-left
+    overrides), line and paragraph separators. For class names, folder names, paths and
+    the messages built from them: they come from other people's files and disks.
+    Files gtrain writes keep the real strings."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -110,8 +110,13 @@ def load_pretrained(model: nn.Module, path: Path) -> PretrainedReport:
 
 def read_checkpoint(path: Path) -> Any:
     """The object saved at `path`: a .safetensors file, or a .pth/.pt/.bin holding only tensors."""
+    from gtrain.checkpoint import check_fits_in_memory
+
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: give the path of a local .pth, .pt, .bin or .safetensors file")
+    # Its tensors take about as much memory as the file's size (safetensors and torch's zip
+    # archives store them uncompressed).
+    check_fits_in_memory(path.stat().st_size, path)
     if path.suffix == ".safetensors":
         try:
             return load_safetensors_file(path)

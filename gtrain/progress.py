@@ -11,6 +11,9 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+
+from gtrain.errors import printable
 
 
 @dataclass
@@ -63,20 +66,22 @@ class Reporter:
 
     def notice(self, line: str) -> None:
         """A line worth reading before the run starts (it prints even with --quiet)."""
-        self.console.print(f"note: {line}", highlight=False, markup=False, soft_wrap=True)
+        self.console.print(f"note: {printable(line)}", highlight=False, markup=False, soft_wrap=True)
 
     def _facts(self, facts: dict[str, Any], *, title: str, style: str) -> None:
-        """A panel of `key value` rows on a terminal; `key: value` lines elsewhere."""
+        """A panel of `key value` rows on a terminal; `key: value` lines elsewhere. Values are
+        shown as text, not markup, with control characters escaped: they hold dataset and
+        folder names."""
         if self.live:
             grid = Table.grid(padding=(0, 2))
             grid.add_column(style=style)
             grid.add_column()
             for key, value in facts.items():
-                grid.add_row(key, str(value))
+                grid.add_row(key, Text(printable(value)))
             self.console.print(Panel(grid, title=title, expand=False))
         else:
             for key, value in facts.items():
-                self.console.print(f"{key}: {value}", highlight=False, soft_wrap=True)
+                self.console.print(f"{key}: {printable(value)}", highlight=False, markup=False, soft_wrap=True)
 
     # -- during an epoch -------------------------------------------------------------
     def epoch_start(self, epoch: int, epochs: int, steps: int, start_step: int = 0) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gtrain.errors import UserError, did_you_mean
+from gtrain.errors import UserError, did_you_mean, error_line
 
 
 class Section(BaseModel):
@@ -430,6 +430,18 @@ def _join(source: str, lines: list[str]) -> str:
     if len(lines) == 1:
         return f"{source}: {lines[0]}"
     return f"{source}: {len(lines)} problems\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def check_model_settings(name: str, settings: dict[str, Any]) -> list[str]:
+    """What is wrong with `settings` as [model] keys of the variant `name` (of a weights file's
+    metadata, say): nothing when the list is empty."""
+    clashing = [key for key in settings if key in ModelSection.model_fields]
+    if clashing:
+        return [f"{clashing[0]!r} is not a model setting"]
+    try:
+        return _check_model_settings(ModelSection(name=name, **settings))
+    except ValidationError as error:
+        return [error_line(error)]
 
 
 def _check_model_settings(model: ModelSection) -> list[str]:

@@ -162,7 +162,7 @@ def test_weights_of_another_model_are_refused_by_eval(tmp_path, finished_run):
     save_weights(tmp_path / "other.safetensors", wider, meta)  # the metadata still says the original width
     result = gtrain_in_process("eval", tmp_path / "other.safetensors")
     assert result.returncode == 2
-    assert "does not fit this model" in result.stderr and "shape mismatches" in result.stderr
+    assert "its tensors are not those of" in result.stderr and "of another shape" in result.stderr
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, fast):
