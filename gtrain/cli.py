@@ -195,6 +195,56 @@ def eval_(
         console.print(f"confusion matrix plot: {printable(report['plot'])}", highlight=False, markup=False)
 
 
+@app.command("lr-find")
+def lr_find(
+    recipe: Annotated[Optional[str], typer.Argument(help="Bundled recipe name or path to a .toml file.")] = None,
+    overrides: SetOption = None,
+    steps: Annotated[int, typer.Option(help="Steps of the test (at most the recipe's first epoch).")] = 100,
+    start_lr: Annotated[Optional[float], typer.Option(help="lr of the first step (default: optim.lr / 1000).")] = None,
+    end_lr: Annotated[Optional[float], typer.Option(help="lr of the last step (default: optim.lr x 100).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (overrides train.device).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw loss against lr as a PNG here (needs matplotlib).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
+) -> None:
+    """Find a learning rate: train a few steps while the lr grows exponentially, and suggest
+    the largest lr at which the smoothed loss still fell. Writes nothing (except --plot).
+    """
+    from gtrain.lr_find import lr_range_test
+    from gtrain.recipe import load_recipe
+
+    try:
+        if plot is not None:
+            from gtrain.plot import check_plot_path
+
+            check_plot_path(plot)
+        loaded, name = load_recipe(recipe or "quickstart", overrides or [])
+        result = lr_range_test(loaded, steps=steps, start_lr=start_lr, end_lr=end_lr, device=device)
+        if plot is not None:
+            from gtrain.plot import write_lr_find_plot
+
+            write_lr_find_plot(plot, result.lrs, result.losses, result.smoothed, result.suggested_lr)
+    except UserError as error:
+        raise fail(error) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+        return
+    tested = f"{len(result.lrs)} steps, lr {result.lrs[0]:.2g} to {result.lrs[-1]:.2g}" if result.lrs else "no steps"
+    console.print(f"lr range test: {tested}" + (f"; stopped: {result.stopped}" if result.stopped else ""),
+                  highlight=False, markup=False, soft_wrap=True)  # fmt: skip
+    if result.suggested_lr is None:
+        console.print("no suggestion: the loss did not fall; try a higher --end-lr or more --steps", markup=False)
+    else:
+        suggested = f"{result.suggested_lr:.2g}"
+        console.print(
+            f"suggested lr {suggested} (the minimum of the smoothed loss; steepest descent at "
+            f"{result.steepest_lr or float('nan'):.2g}): "
+            f"gtrain fit {printable(recipe or name)} --set optim.lr={suggested}",
+            highlight=False, markup=False, soft_wrap=True,
+        )  # fmt: skip
+    if plot is not None:
+        console.print(f"plot: {printable(plot)}", highlight=False, markup=False)
+
+
 # A terminal shows a table of predictions up to this many images, a progress bar beyond.
 PREDICT_TABLE_MAX = 20
 

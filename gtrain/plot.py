@@ -135,6 +135,29 @@ def write_confusion_plot(path: Path, confusion: list[list[int]], class_names: tu
     save_png(figure, path)
 
 
+def write_lr_find_plot(path: Path, lrs: list[float], losses: list[float], smoothed: list[float], suggested: float | None) -> None:
+    """`gtrain lr-find --plot`: loss against lr on a log axis, the suggestion marked."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError(MISSING_MATPLOTLIB) from None
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(lrs, losses, color="0.75", linewidth=1, label="loss per step")
+    axes.plot(lrs, smoothed, color="C0", linewidth=2, label="smoothed")
+    if suggested is not None:
+        axes.axvline(suggested, color="C3", linestyle="--", label=f"suggested lr {suggested:.3g}")
+    axes.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="learning-rate range test")
+    if smoothed:  # the diverging end would squash the part worth reading
+        low, start = min(min(losses), min(smoothed)), smoothed[0]
+        axes.set_ylim(low - 0.05 * (start - low + 1e-3), max(start, low) + 1.5 * (start - low) + 0.2 * abs(start))
+    axes.legend()
+    save_png(figure, path)
+
+
 def _series(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
     """(epochs, values) for the rows that hold a number under `key`."""
     kept = [row for row in rows if isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)]
