@@ -335,15 +335,27 @@ def predict(
 
 @app.command()
 def recipes(
+    name: Annotated[
+        Optional[str], typer.Argument(help="Print this recipe (bundled name or .toml path) fully resolved, as TOML.")
+    ] = None,
+    overrides: SetOption = None,
     reference: Annotated[
         bool, typer.Option("--reference", help="Print every recipe key (type, default, meaning) as Markdown instead.")
     ] = False,
 ) -> None:
-    """List the bundled recipes with their descriptions; with --reference, every recipe key instead."""
-    from gtrain.recipe import bundled_recipes, parse_toml, recipe_reference
+    """List the bundled recipes with their descriptions; with NAME, that recipe as `gtrain fit NAME`
+    would train it (every key with its value, defaults included); with --reference, every recipe key."""
+    from gtrain.recipe import bundled_recipes, load_recipe, parse_toml, recipe_reference
 
     if reference:
         sys.stdout.write(recipe_reference())  # plain Markdown, no rich markup: for docs and pipes
+        return
+    if name is not None:
+        try:
+            loaded, _ = load_recipe(name, overrides or [])
+        except UserError as error:
+            raise fail(error) from None
+        sys.stdout.write(resolved_toml(loaded))  # plain TOML: to read, diff or save as a recipe
         return
     table = Table(title="bundled recipes (gtrain fit NAME)")
     table.add_column("name", style="bold")
@@ -351,6 +363,25 @@ def recipes(
     for name, path in bundled_recipes().items():
         table.add_row(name, str(parse_toml(path.read_text(), str(path)).get("description", "")))
     console.print(table)
+
+
+def resolved_toml(recipe) -> str:
+    """The recipe as TOML, every key with its value; keys left unset (TOML has no null) are
+    listed in a closing comment, so that none goes unmentioned."""
+    from gtrain.recipe import Recipe, flatten
+
+    def every_key(model_class, prefix=""):
+        for key, info in model_class.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                yield from every_key(annotation, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    given = flatten(recipe.to_dict())
+    unset = [key for key in every_key(Recipe) if key not in given]
+    text = recipe.to_toml()
+    return text + (f"\n# unset (no value): {', '.join(unset)}\n" if unset else "")
 
 
 @app.command()

@@ -201,3 +201,21 @@ def test_eval_refuses_an_image_folder_with_other_classes(tmp_path, imagefolder_r
     (other / "val" / "cat").rename(other / "val" / "lion")
     result = invoke("eval", run / "final.safetensors", "--set", f"data.root={other}", "--split", "val")
     assert result.exit_code == 2 and "lion" in result.output and "Traceback" not in result.output
+
+
+def test_recipes_name_prints_the_recipe_fit_would_train_as_toml(tmp_path):
+    import tomllib
+
+    from gtrain.recipe import load_recipe
+
+    result = invoke("recipes", "quickstart", "--set", "optim.lr=0.05")
+    assert result.exit_code == 0, result.output
+    printed = tomllib.loads(result.output)
+    expected, _ = load_recipe("quickstart", ["optim.lr=0.05"])
+    assert printed == expected.to_dict() and printed["optim"]["lr"] == 0.05
+    assert printed["train"]["label_smoothing"] == 0.1  # a default, spelt out
+    assert "# unset (no value): " in result.output and "train.ema_decay" in result.output
+    saved = tmp_path / "resolved.toml"
+    saved.write_text(result.output)
+    assert load_recipe(str(saved), [])[0] == expected  # it is a recipe that trains the same
+    assert invoke("recipes", "no_such_recipe").exit_code == 2
