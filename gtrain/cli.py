@@ -343,8 +343,10 @@ def recipes(
         bool, typer.Option("--reference", help="Print every recipe key (type, default, meaning) as Markdown instead.")
     ] = False,
 ) -> None:
-    """List the bundled recipes with their descriptions; with NAME, that recipe as `gtrain fit NAME`
-    would train it (every key with its value, defaults included); with --reference, every recipe key."""
+    """List the bundled recipes; with NAME, print that recipe fully resolved as TOML.
+
+    With NAME: what `gtrain fit NAME` would train, every key with its value, defaults
+    included. With --reference: every recipe key, as Markdown."""
     from gtrain.recipe import bundled_recipes, load_recipe, parse_toml, recipe_reference
 
     if reference:
