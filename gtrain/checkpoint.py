@@ -214,7 +214,7 @@ def check_tensor_shapes(meta: WeightsMeta, shapes: dict[str, tuple[int, ...]], s
 
     with torch.device("meta"):
         model = create_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans, **meta.model_settings)
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    expected = shapes_of(model.state_dict())
     head, stem = classifier_keys(model)[0], stem_weight_key(model)
     name = printable(source)
     if head in shapes and shapes[head][:1] != (meta.num_classes,):
@@ -227,18 +227,8 @@ def check_tensor_shapes(meta: WeightsMeta, shapes: dict[str, tuple[int, ...]], s
             f"{name}: metadata in_chans = {meta.in_chans}, but the stem tensor {stem} has shape {shapes[stem]}: "
             "the file was damaged or edited after gtrain wrote it"
         )
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    mismatched = [key for key in expected if key in shapes and shapes[key] != expected[key]]
-    if missing or unexpected or mismatched:
-        detail = "; ".join(
-            part for part in (
-                f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-                f"{len(unexpected)} unexpected (e.g. {printable(unexpected[0])})" if unexpected else "",
-                f"{len(mismatched)} of another shape (e.g. {mismatched[0]}: {shapes[mismatched[0]]} in the file, "
-                f"{expected[mismatched[0]]} for the model)" if mismatched else "",
-            ) if part
-        )  # fmt: skip
+    detail = shape_misfits(expected, shapes)
+    if detail:
         raise UserError(f"{name}: its tensors are not those of {meta.model} as its metadata describes it: {detail}")
 
 
@@ -296,20 +286,29 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16
 
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Path) -> None:
     """Strict load with a one-line explanation instead of PyTorch's wall of key names."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or unexpected or mismatched:
-        detail = (
-            f"{len(missing)} missing keys (e.g. {missing[:2]}), " if missing else ""
-        ) + (f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}), " if unexpected else "") + (
-            f"{len(mismatched)} shape mismatches (e.g. {mismatched[0]}: {tuple(state_dict[mismatched[0]].shape)} vs {tuple(own[mismatched[0]].shape)})"
-            if mismatched
-            else ""
-        )
-        raise UserError(f"{source} does not fit this model: {detail.rstrip(', ')}")
+    detail = shape_misfits(shapes_of(model.state_dict()), shapes_of(state_dict))
+    if detail:
+        raise UserError(f"{printable(source)} does not fit this model: {detail}")
     model.load_state_dict(state_dict, strict=True)
+
+
+def shapes_of(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in tensors.items()}
+
+
+def shape_misfits(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> str | None:
+    """How the tensors `found` (name -> shape) differ from those a model `expected`, in one
+    line; None when they are the same."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [key for key in expected if key in found and found[key] != expected[key]]
+    parts = [
+        f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+        f"{len(unexpected)} unexpected (e.g. {printable(unexpected[0])})" if unexpected else "",
+        f"{len(mismatched)} of another shape (e.g. {mismatched[0]}: {found[mismatched[0]]} in the file, "
+        f"{expected[mismatched[0]]} for the model)" if mismatched else "",
+    ]  # fmt: skip
+    return "; ".join(part for part in parts if part) or None
 
 
 def load_model(path: Path) -> tuple[nn.Module, WeightsMeta, Path]:

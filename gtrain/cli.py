@@ -32,6 +32,20 @@ SetOption = Annotated[
     typer.Option("--set", "-s", help="Override a recipe key, e.g. --set optim.lr=0.05 (repeatable).", metavar="KEY=VALUE"),
 ]
 
+# How saved weights are run (gtrain eval, gtrain predict): by default as the run validated them.
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+PrecisionOption = Annotated[
+    Optional[str],
+    typer.Option(help="auto, fp32, bf16 or fp16 (default: the run's train.precision; auto for other weights)."),
+]
+ChannelsLastOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--channels-last/--no-channels-last",
+        help="Memory format (default: the run's train.channels_last; auto for other weights).",
+    ),
+]
+
 
 def fail(error: UserError) -> typer.Exit:
     # Escaped: a message may hold brackets ('gtrain[plot]', a list of keys) that rich would take for markup.
@@ -64,9 +78,9 @@ def fit(
 
     data.batch_size is the global batch: under torchrun or srun each of N processes takes 1/N of it.
 
-    Exit codes: 0 done; 2 a mistake to fix (one line says which); 75 stopped by SIGTERM or
-    SIGUSR1, or by a lost process, with a checkpoint: run the same command with
-    --auto-resume (or --resume DIR) to continue; 130 stopped by Ctrl-C, likewise resumable.
+    Exit codes: 0 done; 2 a mistake to fix (one line says which); 130 Ctrl-C, resumable.
+
+    75: stopped with a checkpoint by SIGTERM, SIGUSR1 or a lost process; continue with --auto-resume.
     """
     from gtrain import distributed
     from gtrain.progress import Reporter
@@ -135,18 +149,9 @@ def eval_(
     split: Annotated[str, typer.Option(help="Dataset split to evaluate: test, val or train.")] = "test",
     overrides: SetOption = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 256,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[
-        Optional[str],
-        typer.Option(help="auto, fp32, bf16 or fp16 (default: the run's train.precision; auto for other weights)."),
-    ] = None,
-    channels_last: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--channels-last/--no-channels-last",
-            help="Memory format (default: the run's train.channels_last; auto for other weights).",
-        ),
-    ] = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = None,
+    channels_last: ChannelsLastOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
     tta: Annotated[
         str, typer.Option(help="Test-time augmentation: none, or flip (mean probability of the image and its mirror).")
@@ -259,23 +264,17 @@ def predict(
     topk: Annotated[int, typer.Option(min=1, help="Classes per image, best first.")] = 5,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
     workers: Annotated[int, typer.Option(min=0, help="DataLoader processes that read and resize images.")] = 2,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[
-        Optional[str],
-        typer.Option(help="auto, fp32, bf16 or fp16 (default: the run's train.precision; auto for other weights)."),
-    ] = None,
-    channels_last: Annotated[
-        Optional[bool],
-        typer.Option("--channels-last/--no-channels-last", help="Memory format (default: the run's)."),
-    ] = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = None,
+    channels_last: ChannelsLastOption = None,
     tta: Annotated[str, typer.Option(help="Test-time augmentation: none, or flip.")] = "none",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON Lines (one object per image) and nothing else.")] = False,
 ) -> None:
     """Classify images with trained weights: the top classes of each, with probabilities.
 
-    Images are prepared exactly as `gtrain eval` prepares them for these weights. Exit codes:
-    0 every image classified; 1 some could not be read (listed with their error, the others
-    still written); 2 a mistake to fix."""
+    Images are prepared exactly as `gtrain eval` prepares them for these weights.
+
+    Exit codes: 0 all classified; 1 some could not be read (each listed with its error); 2 a mistake."""
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

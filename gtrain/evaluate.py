@@ -213,11 +213,7 @@ def run_eval(
         )
     if tta == "flip":
         check_flip_keeps_the_class(info.name)
-    device_ = runtime.resolve_device(device)
-    # A run's own settings resolve here as they did in training; a bare file's are "auto".
-    precision = runtime.resolve_precision(precision or recipe.train.precision, device_, "--precision")
-    if channels_last is None:
-        channels_last = runtime.resolve_channels_last(recipe.train.channels_last, device_)
+    device_, precision, channels_last = scoring_settings(recipe, device, precision, channels_last)
     model.to(device_)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -234,6 +230,19 @@ def run_eval(
 
         write_confusion_plot(plot, result.confusion, meta.class_names, title=title)
     return report
+
+
+def scoring_settings(
+    recipe, device: str, precision: str | None, channels_last: bool | None
+) -> tuple[torch.device, str, bool]:
+    """Device, precision and memory format to score weights with: those given, else the run's
+    own (`recipe`, from `recipe_of`), resolved here as they were in training; a bare file's
+    are "auto"."""
+    device_ = runtime.resolve_device(device)
+    precision = runtime.resolve_precision(precision or recipe.train.precision, device_, "--precision")
+    if channels_last is None:
+        channels_last = runtime.resolve_channels_last(recipe.train.channels_last, device_)
+    return device_, precision, channels_last
 
 
 def recipe_of(weights: Path, meta, overrides: list[str]):

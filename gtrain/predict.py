@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms.functional import to_pil_image
 
-from gtrain import runtime
 from gtrain.checkpoint import WeightsMeta, load_model
 from gtrain.errors import UserError, error_line
 
@@ -78,14 +77,10 @@ class Classifier:
         """A run folder (its best weights, as `gtrain eval` picks them) or a .safetensors file.
         precision / channels_last: the run's own (its recipe.toml) unless given; "auto" for a
         file outside a run folder."""
-        from gtrain.evaluate import recipe_of
+        from gtrain.evaluate import recipe_of, scoring_settings
 
         model, meta, path = load_model(Path(weights))
-        recipe = recipe_of(path, meta, [])
-        device_ = runtime.resolve_device(device)
-        precision = runtime.resolve_precision(precision or recipe.train.precision, device_, "--precision")
-        if channels_last is None:
-            channels_last = runtime.resolve_channels_last(recipe.train.channels_last, device_)
+        device_, precision, channels_last = scoring_settings(recipe_of(path, meta, []), device, precision, channels_last)
         return cls(model, meta, device=device_, precision=precision, channels_last=channels_last, weights=path)
 
     @property

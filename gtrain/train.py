@@ -318,6 +318,8 @@ def train_and_finish(job: "FitSetup", resume: bool) -> dict[str, Any]:
     progress = job.run.progress
     reporter.start(start_facts(job, resume))
     run_start = time.perf_counter() - progress.elapsed_s
+    # peers_watched inside recording: run.json then says that a process was lost (fit's own
+    # watch covers the set-up, before there is a run.json).
     with recording(job.status), distributed.peers_watched(world), StopRequest() as stop, contextlib.closing(job.metrics_log):
         job.status.update(
             status="running", epochs_done=progress.epoch, elapsed_s=progress.elapsed_s,
