@@ -250,6 +250,103 @@ def lr_find(
         console.print(f"plot: {printable(plot)}", highlight=False, markup=False)
 
 
+@app.command()
+def tune(
+    recipe: Annotated[Optional[str], typer.Argument(help="Bundled recipe name or path to a .toml file.")] = None,
+    overrides: SetOption = None,
+    space: Annotated[Path, typer.Option(help="TOML file of recipe keys to search: ranges {low, high, log} or lists.")] = ...,
+    out: Annotated[Path, typer.Option(help="Study folder: DIR/study.journal, DIR/trials/NNNN, DIR/best.toml.")] = ...,
+    trials: Annotated[int, typer.Option(min=1, help="Trials this process runs; every process on --out adds its own.")] = 20,
+    pruner: Annotated[str, typer.Option(help="median (Optuna's MedianPruner), halving (successive halving) or none.")] = "median",
+    startup_trials: Annotated[int, typer.Option(min=0, help="median: trials that finish before any is pruned.")] = 5,
+    min_epochs: Annotated[int, typer.Option(min=1, help="No trial is pruned before this many epochs.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the sampler (give each process its own).")] = None,
+    storage: Annotated[
+        Optional[str], typer.Option(help="An Optuna storage URL (e.g. postgresql://...) instead of DIR/study.journal.")
+    ] = None,
+    study: Annotated[Optional[str], typer.Option(help="Study name in --storage (default: the --out folder's name).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (overrides train.device).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary and nothing else.")] = False,
+) -> None:
+    r"""Search recipe settings with an Optuna study (pip install 'gtrain\[tune]'): TPE sampling, trials
+    pruned on their per-epoch validation top-1, each trial a run folder under DIR/trials.
+
+    The same command again continues the study; several at once (on one machine or many,
+    with a shared --out or --storage) share it. Writes DIR/best.toml, a complete recipe.
+    Exit codes: 0 done; 2 a mistake to fix; 130 Ctrl-C (the same command continues).
+    """
+    from gtrain.recipe import load_recipe
+    from gtrain.tune import PRUNERS, TuneInterrupted, TuneSettings, load_space, tune as run_tune
+
+    quiet = Console(quiet=True)
+    shown = quiet if as_json else console
+
+    def trial_line(record) -> None:
+        settings = "  ".join(f"{key}={_short(value)}" for key, value in record.params.items())
+        value = f"top-1 {record.value:.2%}" if record.value is not None else "no top-1"
+        ending = {"complete": f"{record.epochs} epochs", "pruned": f"pruned after epoch {record.epochs}"}
+        shown.print(f"trial {record.number}  {printable(settings)}  {value}  {ending.get(record.state, record.state)}"
+                    f"  {record.seconds:.0f} s" + (f"  ({printable(record.note)})" if record.state == "failed" else ""),
+                    highlight=False, markup=False, soft_wrap=True)  # fmt: skip
+
+    try:
+        if pruner not in PRUNERS:
+            raise UserError(f"--pruner {pruner!r}: choose {', '.join(PRUNERS)}")
+        base, name = load_recipe(recipe or "quickstart", overrides or [])
+        dimensions = load_space(space, base)
+        settings = TuneSettings(trials=trials, pruner=pruner, startup_trials=startup_trials, min_epochs=min_epochs,
+                                seed=seed, storage=storage, study_name=study, device=device)  # fmt: skip
+        if base.data.val_split == "test" and not as_json:
+            console.print(
+                "note: trials are scored on the test split (data.val_split): the best top-1 is then a tuned figure, "
+                "not a held-out one; where the data has a val split, --set data.val_split=val",
+                style="yellow", highlight=False, markup=False, soft_wrap=True,
+            )  # fmt: skip
+        result = run_tune(base, name, dimensions, out=out, settings=settings, on_trial=trial_line)
+    except UserError as error:
+        raise fail(error) from None
+    except OSError as error:  # an unreadable or corrupt data file, a full disk
+        raise fail(UserError(f"{error_line(error, last=True)}; fix or remove that file; the study in {out} keeps its trials")) from None
+    except TuneInterrupted as stop:
+        error_console.print(
+            f"stopped: trial {stop.trial} was interrupted (its checkpoint is in {printable(stop.run_dir)}); the study keeps "
+            f"its {stop.finished} finished trials. The same command continues it, trial {stop.trial}'s settings first",
+            highlight=False, markup=False, soft_wrap=True,
+        )  # fmt: skip
+        raise typer.Exit(stop.exit_code) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+        return
+    print_leaderboard(result, out)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def print_leaderboard(result, out: Path, rows: int = 10) -> None:
+    ranked = sorted(result.trials, key=lambda t: (t.state != "complete", -(t.value or 0.0), t.number))
+    counts = {}
+    for trial in result.trials:
+        counts[trial.state] = counts.get(trial.state, 0) + 1
+    table = Table(title=Text(f"study {printable(result.study_name)}: " + ", ".join(f"{n} {s}" for s, n in counts.items())))
+    keys = list(ranked[0].params) if ranked else []
+    for column in ["trial", "state", "top-1", "epochs", *keys]:
+        table.add_column(column, justify="left" if column in ("state",) else "right")
+    for trial in ranked[:rows]:
+        value = f"{trial.value:.2%}" if trial.value is not None else "-"
+        table.add_row(str(trial.number), trial.state, value, str(trial.epochs),
+                      *(printable(_short(trial.params.get(key, "-"))) for key in keys))  # fmt: skip
+    console.print(table)
+    if result.best_recipe is not None:
+        console.print(
+            f"best: trial {result.best.number}, top-1 {result.best.value:.2%}; its recipe: gtrain fit {printable(result.best_recipe)}",
+            highlight=False, markup=False, soft_wrap=True,
+        )  # fmt: skip
+    else:
+        console.print("no trial has finished yet: nothing to write to best.toml", markup=False)
+
+
 # A terminal shows a table of predictions up to this many images, a progress bar beyond.
 PREDICT_TABLE_MAX = 20
 

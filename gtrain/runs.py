@@ -192,6 +192,8 @@ def apply_run_state(summary: RunSummary, state: dict[str, Any]) -> None:
         check_still_running(summary, state.get("pid"), state.get("host"))
     if state.get("stopped_early") is True:
         summary.detail.append("stopped early")
+    if isinstance(state.get("stopped"), str) and state["stopped"]:
+        summary.detail.append(state["stopped"])
     if summary.status == "failed" and isinstance(state.get("error"), str):
         summary.detail.append(state["error"])
 

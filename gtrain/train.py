@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import ValidationError
@@ -198,9 +198,14 @@ def micro_batches(inputs: torch.Tensor, targets: torch.Tensor, count: int):
         yield chunk_inputs, chunk_targets, len(chunk_targets) / len(targets), index == len(chunks) - 1
 
 
+class DivergedError(UserError):
+    """The loss became NaN or infinite: the recipe's settings, not its data, are at fault
+    (`gtrain tune` records the trial as failed and goes on)."""
+
+
 def non_finite_error(step: int, paths: RunFolder) -> UserError:
     kept = f"the last good checkpoint {paths.last} is kept" if paths.last.exists() else "no checkpoint had been written yet"
-    return UserError(
+    return DivergedError(
         f"the training loss became NaN or infinite at step {step}; {kept}. Try a lower optim.lr, "
         "optim.clip_grad_norm = 1.0, or train.precision = 'bf16' instead of 'fp16'"
     )
@@ -259,7 +264,12 @@ def plan_fit(
     return FitPlan(loaded, RunFolder(out), name, "either" if auto_resume or restarted else "new")
 
 
-def fit(plan: FitPlan, *, reporter: Reporter, device: str | None = None) -> dict[str, Any]:
+# Called after each epoch with its number (from 1) and validation top-1; a reason returned
+# ends the run there, as early stopping does (`gtrain tune` prunes trials with it).
+EpochEnd = Callable[[int, float], str | None]
+
+
+def fit(plan: FitPlan, *, reporter: Reporter, device: str | None = None, epoch_end: EpochEnd | None = None) -> dict[str, Any]:
     """Train the run `plan` describes, holding its folder; continue it from its last
     checkpoint when the plan says so.
 
@@ -283,7 +293,7 @@ def fit(plan: FitPlan, *, reporter: Reporter, device: str | None = None) -> dict
                 reporter.notice(f"{lock.unlocked_because}: nothing stops a second process training into it")
             job = set_up(recipe, paths, reporter, device=distributed.local_device(device_, world), resume=resume,
                          world=world, recipe_name=plan.recipe_name)  # fmt: skip
-            return train_and_finish(job, resume)
+            return train_and_finish(job, resume, epoch_end)
     except distributed.LostPeer:
         peer_lost = True  # the group cannot be torn down cleanly without its peer
         raise
@@ -313,7 +323,7 @@ def hold_and_decide(plan: FitPlan, paths: RunFolder, lock: RunLock) -> bool | st
     return True
 
 
-def train_and_finish(job: "FitSetup", resume: bool) -> dict[str, Any]:
+def train_and_finish(job: "FitSetup", resume: bool, epoch_end: EpochEnd | None = None) -> dict[str, Any]:
     recipe, reporter, world = job.recipe, job.reporter, job.world
     progress = job.run.progress
     reporter.start(start_facts(job, resume))
@@ -325,10 +335,15 @@ def train_and_finish(job: "FitSetup", resume: bool) -> dict[str, Any]:
             status="running", epochs_done=progress.epoch, elapsed_s=progress.elapsed_s,
             best_top1=progress.best_top1 if progress.history else None, best_epoch=progress.best_epoch or None,
         )  # fmt: skip
+        stopped_by = None
         for epoch in range(progress.epoch, recipe.train.epochs):
             train_epoch(job, epoch, stop, run_start)
-            end_epoch(job, epoch, run_start)
+            top1 = end_epoch(job, epoch, run_start)
             if progress.stopped_early:
+                break
+            stopped_by = epoch_end(epoch + 1, top1) if epoch_end is not None else None
+            if stopped_by:
+                job.status.update(stopped=stopped_by)
                 break
             last_epoch = epoch + 1 == recipe.train.epochs  # then finish: only the final weights are left to write
             if not last_epoch and distributed.agree([bool(stop)], job.settings.device, world)[0]:
@@ -337,7 +352,7 @@ def train_and_finish(job: "FitSetup", resume: bool) -> dict[str, Any]:
         if job.run.ema is not None:
             job.save_weights(job.paths.final_ema, job.run.ema.module)
         job.status.update(status="finished", stopped_early=progress.stopped_early)
-    return summarize(job)
+    return summarize(job, stopped_by)
 
 
 @dataclass
@@ -512,8 +527,9 @@ def train_epoch(job: FitSetup, epoch: int, stop: "StopRequest", run_start: float
                 raise Interrupted(stop.signum or signal.SIGTERM)
 
 
-def end_epoch(job: FitSetup, epoch: int, run_start: float) -> None:
-    """Validate, log, keep the best weights, decide on early stopping, checkpoint."""
+def end_epoch(job: FitSetup, epoch: int, run_start: float) -> float:
+    """Validate, log, keep the best weights, decide on early stopping, checkpoint; return
+    the validation top-1."""
     run, settings, progress = job.run, job.settings, job.run.progress
     evaluation = dict(
         loader=job.loaders[2], num_classes=job.info.num_classes, device=settings.device,
@@ -547,9 +563,10 @@ def end_epoch(job: FitSetup, epoch: int, run_start: float) -> None:
         epochs_done=progress.epoch, best_top1=progress.best_top1, best_epoch=progress.best_epoch,
         elapsed_s=progress.elapsed_s,
     )  # fmt: skip
+    return result.top1
 
 
-def summarize(job: FitSetup) -> dict[str, Any]:
+def summarize(job: FitSetup, stopped_by: str | None = None) -> dict[str, Any]:
     """Print the summary panel; return what `fit` returns."""
     progress, train = job.run.progress, job.recipe.train
     summary = {
@@ -562,6 +579,8 @@ def summarize(job: FitSetup) -> dict[str, Any]:
         summary["stopped early"] = (
             f"after epoch {progress.epoch} of {train.epochs}: no better top-1 for {train.early_stopping_patience} epochs"
         )
+    if stopped_by:
+        summary["stopped"] = f"after epoch {progress.epoch} of {train.epochs}: {stopped_by}"
     summary.update({"time": format_seconds(progress.elapsed_s), "written to": str(job.paths.root)})
     job.reporter.summary(summary)
     return {
@@ -569,6 +588,7 @@ def summarize(job: FitSetup) -> dict[str, Any]:
         "best_epoch": progress.best_epoch,
         "epochs": progress.epoch,
         "stopped_early": progress.stopped_early,
+        "stopped_by": stopped_by,
         "seconds": progress.elapsed_s,
         "run_dir": str(job.paths.root),
     }

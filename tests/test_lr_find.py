@@ -26,7 +26,8 @@ def test_lr_find_suggests_an_lr_that_trains_the_quickstart(tmp_path):
 
 def test_lr_find_changes_nothing_a_later_fit_does(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # lr-find must write nothing here (no runs/)
-    quick = ["quickstart", "--set", "train.epochs=1", "--set", "train.precision=fp32", "--set", "train.deterministic=true"]
+    quick = ["quickstart", "--set", "train.epochs=1", "--set", "model.stage_depths=[1, 1, 1]", "--set", "train.precision=fp32",
+             "--set", "train.deterministic=true"]  # fmt: skip
     assert invoke("fit", *quick, "--out", tmp_path / "alone", "-q").exit_code == 0
     found = invoke("lr-find", *quick)
     assert found.exit_code == 0, found.output

@@ -1,0 +1,140 @@
+"""`gtrain tune`: an Optuna study over recipe settings, shared by the processes that run it,
+whose best trial's recipe trains to the same top-1 again."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import invoke
+
+optuna = pytest.importorskip("optuna")
+
+# Two epochs of the quickstart, with one block per stage (3 s a trial), in fp32 with deterministic
+# kernels: a trial is then a function of its settings, so `gtrain fit best.toml` must give the
+# best trial's top-1.
+QUICK = ["quickstart", "--set", "train.epochs=2", "--set", "model.stage_depths=[1, 1, 1]",
+         "--set", "train.precision=fp32", "--set", "train.deterministic=true"]  # fmt: skip
+SPACE = '"optim.lr" = {low = 1e-4, high = 0.3, log = true}\n"optim.weight_decay" = [1e-4, 5e-4]\n'
+
+
+def gtrain(*args) -> list[str]:
+    return [sys.executable, "-m", "gtrain", *map(str, args)]
+
+
+def study_trials(out: Path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    return optuna.load_study(study_name=out.name, storage=storage).trials
+
+
+@pytest.fixture
+def space(tmp_path) -> Path:
+    path = tmp_path / "space.toml"
+    path.write_text(SPACE)
+    return path
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_study(tmp_path, space):
+    out = tmp_path / "study"
+    command = gtrain("tune", *QUICK, "--set", "train.epochs=1", "--space", space, "--out", out, "--trials", 2, "--json")
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+        results.append(json.loads(stdout))
+    ran = [set(result["ran_here"]) for result in results]
+    assert len(ran[0]) == len(ran[1]) == 2 and not ran[0] & ran[1]  # each took its own trials
+    trials = study_trials(out)
+    assert sorted(t.number for t in trials) == sorted(ran[0] | ran[1]) == [0, 1, 2, 3]  # the count adds up
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    folders = {t.user_attrs["run_dir"] for t in trials}
+    assert folders == {str(out / "trials" / f"{n:04d}") for n in range(4)}
+    for folder in folders:
+        assert json.loads((Path(folder) / "run.json").read_text())["status"] == "finished"
+    listed = invoke("runs", out / "trials")
+    assert listed.exit_code == 0 and all(f"{n:04d}" in listed.output for n in range(4)), listed.output
+
+
+@pytest.mark.slow
+def test_interrupted_study_continues_prunes_and_its_best_recipe_trains_the_same(tmp_path, space):
+    out = tmp_path / "study"
+    command = gtrain("tune", *QUICK, "--space", space, "--out", out, "--startup-trials", 1, "--seed", 0)
+    # Ctrl-C in the second trial: the first stays in the study, the second is marked.
+    process = subprocess.Popen([*command, "--trials", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("trial 0 "):
+            break
+    while not (out / "trials" / "0001" / "run.json").exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "trial 1 was interrupted" in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    states = {t.number: (t.state, t.user_attrs.get("interrupted")) for t in study_trials(out)}
+    assert states == {0: (optuna.trial.TrialState.COMPLETE, None), 1: (optuna.trial.TrialState.FAIL, True)}
+
+    # The same command again: trial 1's settings first, continuing its folder.
+    again = invoke(*command[3:], "--trials", 2, "--json")
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.output.splitlines()[-1])
+    by_number = {t["number"]: t for t in summary["trials"]}
+    assert summary["ran_here"] == [2, 3] and by_number[2]["params"] == by_number[1]["params"]
+    assert by_number[2]["run_dir"] == by_number[1]["run_dir"]
+    pruned = [t for t in summary["trials"] if t["state"] == "pruned"]
+    assert pruned, summary["trials"]
+    for trial in pruned:  # a normal run folder that says why it stopped after epoch 1 of 2
+        record = json.loads((Path(trial["run_dir"]) / "run.json").read_text())
+        assert record["status"] == "finished" and record["epochs_done"] == 1 and "pruned" in record["stopped"]
+
+    best = max((t for t in summary["trials"] if t["state"] == "complete"), key=lambda t: t["value"])
+    assert summary["best_value"] == best["value"] and summary["best_params"] == best["params"]
+    refit = invoke("fit", out / "best.toml", "--out", tmp_path / "refit", "-q")
+    assert refit.exit_code == 0, refit.output
+    assert json.loads((tmp_path / "refit" / "run.json").read_text())["best_top1"] == best["value"]
+
+
+@pytest.mark.parametrize(
+    ("space_text", "message"),
+    [
+        ('"optim.lrr" = {low = 1e-3, high = 1.0}', "unknown key optim.lrr: did you mean lr"),
+        ('"optim.lr" = {low = 1.0, high = 1e-3, log = true}', "low = 1.0 must be below high = 0.001"),
+        ('"optim.momentum" = {low = 0.5, high = 1.5}', "optim.momentum: high = 1.5 does not make a valid recipe"),
+        ('"data.auto_augment" = ["randaugment", "autoaugment"]', "the choice 'autoaugment' does not make a valid recipe"),
+        ('"data.batch_size" = {low = 16.0, high = 64.0}', "data.batch_size is an integer setting"),
+        ('"optim.lr" = {low = 0.0, high = 1.0, log = true}', "a log range needs low > 0"),
+        ('"optim.lr" = 0.1', "give a range {low = ..., high = ...} or a list of choices"),
+        ("[model]\nwidth = [1, 2]", "unknown key model.width"),
+    ],
+)
+def test_a_bad_space_is_one_line_and_runs_no_trial(tmp_path, space_text, message):
+    space = tmp_path / "space.toml"
+    space.write_text(space_text + "\n")
+    result = invoke("tune", "quickstart", "--space", space, "--out", tmp_path / "study", "--trials", 1)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "study").exists()
+
+
+def test_a_study_is_continued_only_with_its_own_recipe_and_space(tmp_path, space):
+    out = tmp_path / "study"
+    base = ["tune", "quickstart", "--space", space, "--out", out]
+    from gtrain.recipe import load_recipe
+    from gtrain.tune import TuneSettings, load_space, open_study
+
+    recipe, _ = load_recipe("quickstart", [])
+    (out).mkdir()
+    open_study(out, recipe, load_space(space, recipe), TuneSettings(trials=1))
+    result = invoke(*base, "--set", "optim.momentum=0.8", "--trials", 1)
+    assert result.exit_code == 2 and "searched another recipe or space" in result.output, result.output
+    assert "recipe optim.momentum" in result.output
+    assert study_trials(out) == []
