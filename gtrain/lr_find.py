@@ -72,11 +72,12 @@ def lr_range_test(
 
 
 def _range_test(recipe: Recipe, *, steps: int, start_lr: float, end_lr: float, device: str | None) -> LrFindResult:
-    from gtrain.train import load_data
+    from gtrain.train import check_batch_split, load_data
 
     train, world = recipe.train, World()
     runtime.seed_everything(train.seed, train.deterministic)
     device_ = runtime.resolve_device(device or train.device)
+    check_batch_split(recipe, world)
     data = load_data(recipe, world)
     steps_per_epoch = len(data.train) // recipe.data.batch_size
     steps = min(steps, steps_per_epoch)  # never past the first epoch: its data order is the recipe's

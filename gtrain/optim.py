@@ -12,22 +12,22 @@ from torch import nn
 from gtrain.recipe import OptimSection
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, *, norms_and_biases: bool = False) -> list[dict]:
     """Weight decay on conv and linear weights only: decaying norm scales and biases
-    hurts accuracy (Goyal et al. 2017; the HorNet and ConvNeXt recipes do the same)."""
+    hurts accuracy (Goyal et al. 2017; the HorNet and ConvNeXt recipes do the same).
+    `norms_and_biases` decays every parameter, as the ResNeXt paper's code does."""
     decay, no_decay = [], []
     for param in model.parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        (no_decay if param.ndim <= 1 and not norms_and_biases else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Always two groups, so that a checkpoint's optimizer state fits whichever way it was written.
+    return groups
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
-    groups = param_groups(model, optim.weight_decay)
+    groups = param_groups(model, optim.weight_decay, norms_and_biases=optim.weight_decay_norms_and_biases)
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov and optim.momentum > 0)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)

@@ -82,7 +82,10 @@ class OptimSection(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="adamw: decay rates of the gradient's moments")
     # 1e-4 as in the ResNeXt paper's ImageNet training and torchvision's references (5e-4 is
     # its CIFAR value, set in those recipes); docs/benchmarks.md compares it with timm's 2e-5.
-    weight_decay: float = Field(1e-4, ge=0, description="on conv and linear weights only, not on norms and biases")
+    weight_decay: float = Field(1e-4, ge=0, description="on conv and linear weights; on norms and biases too with the switch below")
+    weight_decay_norms_and_biases: bool = Field(
+        False, description="also decay norm scales and biases (the ResNeXt paper's code decays every parameter)"
+    )
     schedule: Literal["cosine", "multistep", "onecycle", "constant"] = Field(
         "cosine",
         description="lr after warmup: cosine decay, linear decay (onecycle), times gamma at each milestone "
@@ -120,6 +123,12 @@ class TrainSection(Section):
         None, ge=1, description="also checkpoint every this many optimizer steps: a restart loses at most that many"
     )
     sync_bn: bool = Field(False, description="SyncBatchNorm across processes under torchrun (CUDA)")
+    bn_group_size: int | None = Field(
+        None,
+        ge=2,
+        description="BatchNorm statistics over groups of this many consecutive images of each micro-batch "
+        "(ghost batch norm): the per-GPU statistics of a multi-GPU run without sync_bn, on one device in one pass",
+    )
     compile: bool = Field(False, description="torch.compile the model (worth it on GPUs; slower on CPU)")
     accumulate_steps: int = Field(
         1,
@@ -171,6 +180,15 @@ class Recipe(BaseModel):
             raise ValueError(
                 "data.auto_augment and data.random_erasing add to the default augmentation, which "
                 "data.augment = false turns off: set data.augment = true, or leave them unset"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_kind_of_batch_statistics(self) -> "Recipe":
+        if self.train.sync_bn and self.train.bn_group_size is not None:
+            raise ValueError(
+                "train.sync_bn (statistics over every process's images) and train.bn_group_size (over groups "
+                "within each): set one of them"
             )
         return self
 

@@ -392,12 +392,7 @@ def set_up(
     train, device_ = recipe.train, device
     # Each process draws its own augmentation; DDP copies rank 0's initial weights to all.
     runtime.seed_everything(train.seed + world.rank, train.deterministic)
-    per_process_batch = distributed.per_process_batch(recipe.data.batch_size, world)
-    if train.accumulate_steps > per_process_batch:
-        raise UserError(
-            f"train.accumulate_steps = {train.accumulate_steps} is more micro-batches than the {per_process_batch} "
-            f"images each of the {world.size} processes gets per step: lower it, or raise data.batch_size"
-        )
+    check_batch_split(recipe, world)
     if recipe.log.tensorboard and world.is_main:
         require_tensorboard()  # before any work: the run would fail at its first epoch's end
 
@@ -436,6 +431,26 @@ def set_up(
         metrics_log=MetricsLog(paths, tensorboard=recipe.log.tensorboard, enabled=world.is_main),
         status=RunStatus(paths, facts, enabled=world.is_main), pretrained=pretrained,
     )  # fmt: skip
+
+
+def check_batch_split(recipe: Recipe, world: World) -> None:
+    """Each process's share of a batch must split into the micro-batches and BatchNorm
+    groups the recipe asks for."""
+    train = recipe.train
+    per_process_batch = distributed.per_process_batch(recipe.data.batch_size, world)
+    if train.accumulate_steps > per_process_batch:
+        raise UserError(
+            f"train.accumulate_steps = {train.accumulate_steps} is more micro-batches than the {per_process_batch} "
+            f"images each of the {world.size} processes gets per step: lower it, or raise data.batch_size"
+        )
+    group = train.bn_group_size
+    micro_batch = per_process_batch // train.accumulate_steps
+    if group is not None and (per_process_batch % train.accumulate_steps or micro_batch % group):
+        raise UserError(
+            f"train.bn_group_size = {group} must divide the {per_process_batch} images each process gets per step"
+            + (f", split into {train.accumulate_steps} equal micro-batches" if train.accumulate_steps > 1 else "")
+            + ": pick a divisor, or change data.batch_size"
+        )
 
 
 def load_data(recipe: Recipe, world: World):

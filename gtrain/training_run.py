@@ -19,6 +19,7 @@ from gtrain.distributed import World
 from gtrain.ema import WeightEMA
 from gtrain.errors import UserError
 from gtrain.models import create_model
+from gtrain.models.layers import GhostBatchNorm2d
 from gtrain.optim import build_optimizer, build_scheduler
 from gtrain.recipe import Recipe
 
@@ -145,6 +146,8 @@ def build_training_run(
         from gtrain.pretrained import load_pretrained
 
         loaded = load_pretrained(model, Path(recipe.model.pretrained))
+    if train.bn_group_size is not None and not GhostBatchNorm2d.convert(model, train.bn_group_size):
+        raise UserError(f"train.bn_group_size: {recipe.model.name} has no BatchNorm layers to group; leave it unset")
     model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -3,7 +3,7 @@
 import pytest
 from torch import nn
 
-from gtrain.optim import lr_factor, param_groups
+from gtrain.optim import build_optimizer, lr_factor, param_groups
 from gtrain.recipe import OptimSection
 
 
@@ -37,3 +37,20 @@ def test_norms_and_biases_get_no_weight_decay():
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     assert {p.ndim for p in decay["params"]} == {2, 4}
     assert len(no_decay["params"]) == 4  # conv bias, bn weight and bias, linear bias
+
+
+@pytest.mark.parametrize("norms_and_biases", [False, True])
+def test_the_switch_decays_norms_and_biases_too(norms_and_biases):
+    import torch
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    optim = OptimSection(lr=0.1, momentum=0.0, weight_decay=0.5, weight_decay_norms_and_biases=norms_and_biases)
+    optimizer = build_optimizer(model, optim)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # a step of weight decay alone
+    optimizer.step()
+    for name, p in model.named_parameters():
+        shrunk = before[name] * (1 - 0.1 * 0.5)
+        expected = shrunk if p.ndim > 1 or norms_and_biases else before[name]
+        assert torch.allclose(p, expected), name

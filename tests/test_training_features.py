@@ -220,3 +220,64 @@ def test_a_checkpoint_written_before_the_newer_recipe_keys_still_resumes(tmp_pat
     torch.save(state, last)
     fit("--resume", run, "--set", "train.epochs=2")
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ghost_batch_norm_equals_each_group_normalised_on_its_own(channels_last):
+    from gtrain.models.layers import GhostBatchNorm2d
+
+    torch.manual_seed(0)
+    x = torch.randn(12, 5, 3, 4, dtype=torch.float64) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ghost = GhostBatchNorm2d(5, group_size=4).double()
+    with torch.no_grad():
+        ghost.weight.uniform_(0.5, 2), ghost.bias.uniform_(-1, 1)
+    separate = [nn.BatchNorm2d(5).double() for _ in range(3)]  # one per GPU of a 3-GPU run
+    for bn in separate:
+        bn.load_state_dict(ghost.state_dict())
+    x_ghost, x_separate = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = ghost(x_ghost)
+    expected = torch.cat([bn(chunk) for bn, chunk in zip(separate, x_separate.split(4))])
+    assert torch.allclose(out, expected, atol=1e-12)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    # The gradients a multi-GPU step would sum, for the inputs and the shared scale and shift.
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.allclose(x_ghost.grad, x_separate.grad, atol=1e-12)
+    assert torch.allclose(ghost.weight.grad, sum(bn.weight.grad for bn in separate), atol=1e-12)
+    # Running statistics: the mean of the groups' updates; evaluation is plain BatchNorm's.
+    assert torch.allclose(ghost.running_mean, torch.stack([bn.running_mean for bn in separate]).mean(0), atol=1e-12)
+    assert torch.allclose(ghost.running_var, torch.stack([bn.running_var for bn in separate]).mean(0), atol=1e-12)
+    ghost.eval(), separate[0].eval()
+    separate[0].load_state_dict(ghost.state_dict())
+    assert torch.equal(ghost(x), separate[0](x))
+
+
+def test_bn_group_size_trains_grouped_statistics_and_saves_plain_weights(tmp_path):
+    small = ["quickstart", "--set", "model.stage_depths=[1, 1, 1]", "--set", "train.epochs=1", "--set", "train.precision=fp32"]
+    grouped = invoke("fit", *small, "--set", "train.bn_group_size=16", "--out", tmp_path / "grouped", "-q")
+    assert grouped.exit_code == 0, grouped.output
+    whole = invoke("fit", *small, "--out", tmp_path / "whole", "-q")  # the same run, statistics over all 64
+    assert whole.exit_code == 0, whole.output
+    a, b = load_file(tmp_path / "grouped" / "final.safetensors"), load_file(tmp_path / "whole" / "final.safetensors")
+    assert a.keys() == b.keys() and not torch.equal(a["bn1.running_var"], b["bn1.running_var"])
+    scored = invoke("eval", tmp_path / "grouped", "--json")  # a plain BatchNorm model
+    assert scored.exit_code == 0, scored.output
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["train.bn_group_size=48"], "train.bn_group_size = 48 must divide the 64 images"),
+        (["train.bn_group_size=16", "train.accumulate_steps=8"], "split into 8 equal micro-batches"),
+        (["train.bn_group_size=16", "train.sync_bn=true"], "set one of them"),
+        (["train.bn_group_size=16", "model.name=hornet_tiny_7x7"], "has no BatchNorm layers"),
+    ],
+)
+def test_bn_groups_that_do_not_fit_are_one_line(tmp_path, settings, message):
+    args = [arg for setting in settings for arg in ("--set", setting)]
+    result = invoke("fit", "quickstart", *args, "--set", "train.epochs=1", "--out", tmp_path / "run")
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
