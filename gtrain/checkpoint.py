@@ -100,6 +100,7 @@ class WeightsMeta:
     class_names: tuple[str, ...]
     dataset: str
     model_settings: dict[str, Any]
+    interpolation: str = "bilinear"  # of the evaluation resize; files from before it was saved used bilinear
 
     def to_strings(self) -> dict[str, str]:
         return {
@@ -112,6 +113,7 @@ class WeightsMeta:
             "class_names": json.dumps(list(self.class_names)),
             "dataset": self.dataset,
             "model_settings": json.dumps(self.model_settings),
+            "interpolation": self.interpolation,
             "gtrain_version": __version__,
         }
 
@@ -138,6 +140,7 @@ class WeightsMeta:
             image_size=field.integer("image_size", 1, MAX_IMAGE_SIZE),
             mean=field.numbers("mean", in_chans, 0.0, 1.0), std=field.numbers("std", in_chans, 1e-6, 10.0),
             class_names=tuple(class_names), dataset=field.text("dataset"), model_settings=field.model_settings(model),
+            interpolation=field.choice("interpolation", ("bilinear", "bicubic"), default="bilinear"),
         )  # fmt: skip
 
 
@@ -195,6 +198,12 @@ class _MetaFields:
         value = self.meta.get(key, "")
         if len(value) > MAX_NAME:
             raise self.bad(key, value, f"must be at most {MAX_NAME} characters")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], *, default: str) -> str:
+        value = self.meta.get(key, default)
+        if value not in choices:
+            raise self.bad(key, value, f"must be one of {', '.join(choices)}")
         return value
 
     def model_settings(self, model: str) -> dict[str, Any]:

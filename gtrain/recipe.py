@@ -6,6 +6,7 @@ the bad value and what is allowed.
 """
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -14,9 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gtrain.errors import UserError, did_you_mean, error_line
+
+
+# timm's RandAugment configuration (timm.data.auto_augment.rand_augment_transform): "rand",
+# then "-" and a key with its value: magnitude m, ops per image n, magnitude noise mstd,
+# magnitude cap mmax, increasing ops inc, probability per op p, op set t.
+TIMM_RAND_AUGMENT = re.compile(r"rand(-(m\d+|n\d+|mstd\d+(\.\d+)?|mmax\d+|inc[01]|p\d*(\.\d+)?|t[a-z0-9]+))*")
 
 
 class Section(BaseModel):
@@ -62,14 +69,33 @@ class DataSection(Section):
         description="auto: small fixed-size datasets (CIFAR, MNIST, digits, ...) live on the device as uint8, "
         "unless auto_augment or random_erasing asks for per-image transforms",
     )
-    auto_augment: Literal["none", "randaugment", "trivialaugment"] = Field(
-        "none", description="per-image augmentation policy added to the dataset's default one"
+    auto_augment: str = Field(
+        "none",
+        description="per-image augmentation policy added to the dataset's default one: none, randaugment or "
+        "trivialaugment (torchvision's), or timm's RandAugment as its config string, e.g. rand-m9-mstd0.5-inc1 "
+        "(needs gtrain[timm])",
     )
     random_erasing: float = Field(0.0, ge=0, le=1, description="probability of erasing a random rectangle per image")
+    random_erasing_fill: Literal["mean", "noise"] = Field(
+        "mean", description="what an erased rectangle holds: the dataset's mean colour, or normal noise per pixel (timm's 'pixel')"
+    )
+    interpolation: Literal["bilinear", "bicubic"] = Field(
+        "bilinear", description="resampling of the train crop and the evaluation resize; saved with the weights for eval and predict"
+    )
     mixup_alpha: float = Field(0.0, ge=0, description="Beta(alpha, alpha) MixUp of image pairs in a batch; 0: off")
     cutmix_alpha: float = Field(
         0.0, ge=0, description="Beta(alpha, alpha) CutMix of image pairs in a batch; 0: off; with mixup_alpha, one of the two per batch"
     )
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value in ("none", "randaugment", "trivialaugment") or TIMM_RAND_AUGMENT.fullmatch(value):
+            return value
+        raise ValueError(
+            f"data.auto_augment = {value!r}: none, randaugment, trivialaugment, or timm's rand-... string "
+            "(sections m<int>, n<int>, mstd<float>, mmax<int>, inc<0|1>, p<float>, t<set>; e.g. rand-m9-mstd0.5-inc1)"
+        )
 
 
 class OptimSection(Section):

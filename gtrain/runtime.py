@@ -6,6 +6,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gtrain.errors import UserError
@@ -94,6 +95,7 @@ def to_device(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
+    np.random.seed(seed % 2**32)  # timm's RandAugment draws its ops from numpy's global generator
     torch.manual_seed(seed)  # also seeds every CUDA device
     if deterministic:
         # cuBLAS needs this workspace setting for deterministic matmuls.

@@ -423,7 +423,7 @@ def set_up(
     meta = WeightsMeta(
         model=recipe.model.name, num_classes=info.num_classes, in_chans=info.in_chans, image_size=info.image_size,
         mean=info.mean, std=info.std, class_names=info.class_names, dataset=info.name,
-        model_settings=recipe.model_overrides(),
+        model_settings=recipe.model_overrides(), interpolation=recipe.data.interpolation,
     )  # fmt: skip
     return FitSetup(
         recipe=recipe, paths=paths, world=world, reporter=reporter, run=run, settings=settings, info=info,
@@ -461,6 +461,7 @@ def load_data(recipe: Recipe, world: World):
             data_recipe.dataset, root=Path(data_recipe.root), download=data_recipe.download and world.is_main,
             image_size=data_recipe.image_size, augment=data_recipe.augment, val_split=data_recipe.val_split,
             auto_augment=data_recipe.auto_augment, random_erasing=data_recipe.random_erasing,
+            random_erasing_fill=data_recipe.random_erasing_fill, interpolation=data_recipe.interpolation,
         )  # fmt: skip
     if len(data.train) < data_recipe.batch_size:
         raise UserError(
@@ -483,7 +484,7 @@ def resume_run(run: TrainingRun, recipe: Recipe, paths: RunFolder, world: World,
             set_rng_state(saved[world.rank])
         else:
             step = progress.epoch * steps_per_epoch + progress.this_epoch.steps
-            torch.manual_seed(recipe.train.seed + 1_000_003 * world.rank + step)
+            runtime.seed_everything(recipe.train.seed + 1_000_003 * world.rank + step, recipe.train.deterministic)
 
 
 def start_facts(job: FitSetup, resume: bool) -> dict[str, str]:

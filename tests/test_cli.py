@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from torchvision import transforms
 from safetensors import safe_open
 
 from tests.conftest import invoke
@@ -219,3 +220,25 @@ def test_recipes_name_prints_the_recipe_fit_would_train_as_toml(tmp_path):
     saved.write_text(result.output)
     assert load_recipe(str(saved), [])[0] == expected  # it is a recipe that trains the same
     assert invoke("recipes", "no_such_recipe").exit_code == 2
+
+
+def test_bicubic_interpolation_trains_and_is_what_eval_and_predict_resize_with(tmp_path, imagefolder_root):
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    result = invoke("fit", *TINY, "--set", "data.dataset=ImageFolder", "--set", f"data.root={imagefolder_root}",
+                    "--set", "data.image_size=24", "--set", "data.batch_size=16", "--set", "train.epochs=1",
+                    "--set", "data.interpolation=bicubic", "--set", "model.stage_depths=[1, 1, 1]", "--out", run)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with safe_open(run / "best.safetensors", "pt") as weights:
+        assert weights.metadata()["interpolation"] == "bicubic"
+    trained = json.loads((run / "run.json").read_text())["best_top1"]
+    scored = invoke("eval", run, "--split", "val", "--json")
+    assert scored.exit_code == 0 and json.loads(scored.output)["top1"] == trained, scored.output
+
+    from gtrain.checkpoint import load_model
+    from gtrain.predict import image_transform
+
+    _, meta, _ = load_model(run / "best.safetensors")
+    resizes = [step for step in image_transform(meta).transforms if isinstance(step, transforms.Resize)]
+    assert [step.interpolation for step in resizes] == [transforms.InterpolationMode.BICUBIC]

@@ -206,3 +206,89 @@ def test_torchvision_dataset_missing_from_the_table_says_how_to_add_it(tmp_path)
 def test_split_a_dataset_lacks_lists_the_splits_it_has(tmp_path):
     with pytest.raises(UserError, match="MNIST has no 'val' split: choose one of train, test"):
         build_data("MNIST", root=tmp_path, download=False, val_split="val")
+
+
+@pytest.mark.parametrize(("fill", "noisy"), [("mean", False), ("noise", True)])
+def test_random_erasing_fills_with_the_mean_or_with_noise(fill, noisy):
+    from gtrain.data import train_transform
+    from gtrain.data.datasets import IMAGE_FOLDER_SPEC
+
+    from PIL import Image
+
+    augment = train_transform(IMAGE_FOLDER_SPEC, 32, random_erasing=1.0, random_erasing_fill=fill)
+    torch.manual_seed(0)
+    mean_colour = tuple(round(255 * m) for m in IMAGE_FOLDER_SPEC.stats.mean)
+    erased = augment(Image.new("RGB", (40, 40), mean_colour))  # normalized: about 0 everywhere but in the rectangle
+    changed = erased.abs() > 0.05
+    assert changed.any() == noisy
+    if noisy:
+        assert 0.7 < erased[changed].std() < 1.3  # N(0, 1) per pixel, in normalized units
+
+
+def test_interpolation_reaches_the_train_crop_and_the_eval_resize():
+    from gtrain.data import eval_transform, train_transform
+    from gtrain.data.datasets import IMAGE_FOLDER_SPEC
+
+    def modes(pipeline):
+        return {step.interpolation for step in pipeline.transforms if hasattr(step, "interpolation")}
+
+    bicubic = {transforms.InterpolationMode.BICUBIC}
+    assert modes(train_transform(IMAGE_FOLDER_SPEC, 32, interpolation="bicubic")) == bicubic
+    assert modes(eval_transform(IMAGE_FOLDER_SPEC, 32, "bicubic")) == bicubic
+    assert modes(eval_transform(IMAGE_FOLDER_SPEC, 32)) == {transforms.InterpolationMode.BILINEAR}
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_timm_randaugment_is_the_one_timm_create_transform_builds(interpolation):
+    """The HorNet release's augmentation: timm's create_transform with rand-m9-mstd0.5-inc1.
+    Its RandAugment and gtrain's give the same image on the same random draws."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    timm_transforms = pytest.importorskip("timm.data.transforms_factory")
+    from timm.data.auto_augment import RandAugment
+
+    from gtrain.data import train_transform
+    from gtrain.data.datasets import IMAGE_FOLDER_SPEC
+
+    config, size = "rand-m9-mstd0.5-inc1", 32
+    mean, std = IMAGE_FOLDER_SPEC.stats.mean, IMAGE_FOLDER_SPEC.stats.std
+    theirs = timm_transforms.create_transform(size, is_training=True, auto_augment=config, interpolation=interpolation,
+                                              mean=mean, std=std)  # fmt: skip
+    ours = train_transform(IMAGE_FOLDER_SPEC, size, auto_augment=config, interpolation=interpolation)
+
+    def rand_augment(pipeline):
+        return next(step for step in pipeline.transforms if isinstance(step, RandAugment))
+
+    theirs, ours = rand_augment(theirs), rand_augment(ours)
+    assert [op.name for op in ours.ops] == [op.name for op in theirs.ops]
+    assert all(a.kwargs == b.kwargs and a.prob == b.prob and a.magnitude_std == b.magnitude_std
+               for a, b in zip(ours.ops, theirs.ops))  # fmt: skip
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(8)]
+    zero_bits = 0
+    for seed in range(200):
+        image = images[seed % len(images)]
+        random.seed(seed), np.random.seed(seed)
+        try:
+            expected = np.asarray(theirs(image))
+        except ValueError as error:  # Posterize to 0 bits, which Pillow >= 11 refuses
+            assert "bits must be between" in str(error)
+            zero_bits += 1
+            continue
+        random.seed(seed), np.random.seed(seed)
+        assert np.array_equal(np.asarray(ours(image)), expected), seed
+    assert zero_bits < 10  # the rest were compared
+
+
+def test_timm_randaugment_posterizes_to_black_where_pillow_would_raise():
+    from PIL import Image
+
+    from gtrain.data.datasets import _posterize
+
+    image = Image.new("RGB", (4, 4), (200, 100, 50))
+    assert _posterize(image, 0).getextrema() == ((0, 0), (0, 0), (0, 0))  # what Pillow < 11 gave
+    assert _posterize(image, 4).getpixel((0, 0)) == (192, 96, 48)
+    assert _posterize(image, 8) is image

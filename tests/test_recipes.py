@@ -145,3 +145,14 @@ def test_a_variant_that_refuses_its_settings_is_reported_with_the_other_problems
     with pytest.raises(UserError) as error:
         validate_recipe({"model": {"name": "hornet_cifar_nano_7x7", "orders": [2, 3]}, "optim": {"lr": -1}})
     assert "2 problems" in str(error.value) and "optim.lr = -1" in str(error.value)
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "rand-m7-n3-mstd0.5", "rand-m9-mstd101-inc1", "trivialaugment"])
+def test_auto_augment_takes_timm_randaugment_strings(policy):
+    assert validate_recipe({"data": {"auto_augment": policy}}).data.auto_augment == policy
+
+
+@pytest.mark.parametrize("policy", ["rand-x9", "randaugment-m9", "rand-m9-mstd", "autoaugment"])
+def test_an_auto_augment_neither_torchvision_nor_timm_has_is_one_line(policy):
+    with pytest.raises(UserError, match=r"data.auto_augment = .*: none, randaugment, trivialaugment, or timm's"):
+        validate_recipe({"data": {"auto_augment": policy}})

@@ -70,7 +70,8 @@ def test_resume_is_bit_exact(tmp_path, fast, uninterrupted, fault, exit_code):
 
 # Every feature with randomness or state of its own, at once (one set of runs keeps the suite short).
 FEATURES = ["--set", "train.ema_decay=0.9", "--set", "train.accumulate_steps=2", "--set", "data.mixup_alpha=0.2",
-            "--set", "data.cutmix_alpha=1.0", "--set", "data.auto_augment=randaugment", "--set", "data.random_erasing=0.5"]
+            "--set", "data.cutmix_alpha=1.0", "--set", "data.auto_augment=rand-m9-mstd0.5-inc1", "--set", "data.random_erasing=0.5",
+            "--set", "data.random_erasing_fill=noise"]
 
 
 def test_resume_is_bit_exact_with_training_features(tmp_path, fast):

@@ -20,7 +20,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder, VisionDataset
@@ -142,6 +142,7 @@ class DataBundle:
     # augmented there in batches (gtrain.data.loaders); None for the others, and then:
     augmentation: "BatchAugmentation | None" = None
     not_in_memory_because: str = ""  # why they cannot, for the error of data.in_memory = "on"
+    interpolation: str = "bilinear"  # how the on-device path resizes them, as the transforms do
 
 
 @dataclass(frozen=True)
@@ -248,49 +249,94 @@ class Digits(VisionDataset):
 # time per item (measured here, 0.5 against 1.1 ms for the digits pipeline on a loaded CPU).
 
 
-AutoAugment = Literal["none", "randaugment", "trivialaugment"]
+AutoAugment = str  # none, randaugment, trivialaugment, or timm's "rand-..." (checked by the recipe schema)
+
+
+Interpolation = Literal["bilinear", "bicubic"]
+ErasingFill = Literal["mean", "noise"]
 
 
 def train_transform(
-    spec: DatasetSpec, image_size: int, *, auto_augment: AutoAugment = "none", random_erasing: float = 0.0
-) -> transforms.Compose:
+    spec: DatasetSpec, image_size: int, *, auto_augment: AutoAugment = "none", random_erasing: float = 0.0,
+    random_erasing_fill: ErasingFill = "mean", interpolation: Interpolation = "bilinear",
+) -> transforms.Compose:  # fmt: skip
     """The training augmentation of a table row: PIL image in, normalized float tensor (C, H, W) out.
 
     `auto_augment` adds a policy after the crop and flip (RandAugment with torchvision's
     defaults, 2 ops of magnitude 9; TrivialAugment draws one op and magnitude per image);
     `random_erasing` is the probability of erasing a rectangle of the normalized tensor,
-    filled with 0, the dataset mean.
+    filled with 0 (the dataset mean) or, with `random_erasing_fill = "noise"`, with normal
+    noise per pixel (timm's "pixel" mode, which the HorNet release uses). `interpolation`
+    resamples the crop (and the resize to another size than the native one).
     """
+    resample = transforms.InterpolationMode(interpolation)
     if spec.style == "cifar":
         # Resize first, so data can be fed at another size than its native one (at the native
         # size it costs nothing: PIL returns a copy). Then pad by 1/8 of the side and crop back:
         # the 4 px at 32 px of the ResNet paper's CIFAR recipe, 1 native px for 8x8 digits at 16.
         steps = [
-            transforms.Resize((image_size, image_size)),
+            transforms.Resize((image_size, image_size), interpolation=resample),
             transforms.RandomCrop(image_size, padding=max(1, image_size // 8)),
         ]
     else:
-        steps = [transforms.RandomResizedCrop(image_size)]
+        steps = [transforms.RandomResizedCrop(image_size, interpolation=resample)]
     if spec.flip:
         steps.append(transforms.RandomHorizontalFlip())
     if auto_augment == "randaugment":
         steps.append(transforms.RandAugment())
     elif auto_augment == "trivialaugment":
         steps.append(transforms.TrivialAugmentWide())
+    elif auto_augment.startswith("rand"):
+        steps.append(timm_rand_augment(auto_augment, image_size, spec.stats.mean, interpolation))
     steps += _to_normalized_tensor(spec)
     if random_erasing > 0:
-        steps.append(transforms.RandomErasing(p=random_erasing, value=0))
+        steps.append(transforms.RandomErasing(p=random_erasing, value="random" if random_erasing_fill == "noise" else 0))
     return transforms.Compose(steps)
 
 
-def eval_transform(spec: DatasetSpec, image_size: int) -> transforms.Compose:
+def timm_rand_augment(config: str, image_size: int, mean: tuple[float, ...], interpolation: Interpolation):
+    """timm's RandAugment from its config string, with the parameters timm's `create_transform`
+    gives it: translations up to 45% of the side, the dataset's mean colour where a rotation
+    or shear uncovers the border, the crop's interpolation. rand-m9-mstd0.5-inc1 (the HorNet,
+    ConvNeXt and DeiT recipes) is 2 ops, each applied with probability 0.5, at magnitude 9 of
+    10 with N(0, 0.5) noise, from the ops whose strength grows with the magnitude."""
+    try:
+        from timm.data.auto_augment import rand_augment_transform
+    except ImportError:
+        raise UserError(f"data.auto_augment = {config!r} is timm's RandAugment: pip install 'gtrain[timm]'") from None
+    fill = tuple(min(255, round(255 * m)) for m in mean)
+    resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[interpolation]
+    hparams = {"translate_const": int(image_size * 0.45), "img_mean": fill, "interpolation": resample}
+    try:
+        augment = rand_augment_transform(config, hparams)
+    except (AssertionError, ValueError, KeyError) as error:
+        raise UserError(f"data.auto_augment = {config!r}: timm does not take it ({error or 'unknown section'})") from None
+    for op in augment.ops:
+        if op.aug_fn.__name__ == "posterize":
+            op.aug_fn = _posterize
+    return augment
+
+
+def _posterize(image: Image.Image, bits: int, **_: Any) -> Image.Image:
+    """timm's posterize, with what Pillow before 11 did for 0 bits (a black image): at a
+    magnitude near 10, which mstd noise reaches, timm asks for 0 bits and Pillow 11 and
+    later raise instead, ending the run."""
+    if bits >= 8:
+        return image
+    if bits <= 0:
+        return image.point(lambda _: 0)
+    return ImageOps.posterize(image, bits)
+
+
+def eval_transform(spec: DatasetSpec, image_size: int, interpolation: Interpolation = "bilinear") -> transforms.Compose:
     """The evaluation transform of a table row: deterministic, the geometry the model trained on."""
+    resample = transforms.InterpolationMode(interpolation)
     if spec.style == "cifar":
-        steps = [transforms.Resize((image_size, image_size))]
+        steps = [transforms.Resize((image_size, image_size), interpolation=resample)]
     else:
         # Resize the short side to size/0.875 and take the centre: the standard ImageNet
         # evaluation (256 -> 224), close to the average scale of random-resized crops.
-        steps = [transforms.Resize(int(image_size / 0.875)), transforms.CenterCrop(image_size)]
+        steps = [transforms.Resize(int(image_size / 0.875), interpolation=resample), transforms.CenterCrop(image_size)]
     return transforms.Compose([*steps, *_to_normalized_tensor(spec)])
 
 
@@ -318,6 +364,8 @@ def build_data(
     val_split: str = "test",
     auto_augment: AutoAugment = "none",
     random_erasing: float = 0.0,
+    random_erasing_fill: ErasingFill = "mean",
+    interpolation: Interpolation = "bilinear",
 ) -> DataBundle:
     """The train set (augmented when `augment`) and the `val_split` set (never augmented).
 
@@ -329,14 +377,15 @@ def build_data(
     """
     name = _canonical_name(dataset)
     root = Path(root)
-    per_image = dict(auto_augment=auto_augment, random_erasing=random_erasing)
+    per_image = dict(auto_augment=auto_augment, random_erasing=random_erasing, random_erasing_fill=random_erasing_fill)
     if name == IMAGE_FOLDER:
-        return _build_image_folder(root, image_size=image_size, augment=augment, val_split=val_split, **per_image)
+        return _build_image_folder(root, image_size=image_size, augment=augment, val_split=val_split,
+                                   interpolation=interpolation, **per_image)  # fmt: skip
     spec = DATASETS[name]
     size = _image_size(image_size, spec)
     val_split = _resolve_split(name, val_split, spec.splits)
-    evaluate = eval_transform(spec, size)
-    train_tf = train_transform(spec, size, **per_image) if augment else evaluate
+    evaluate = eval_transform(spec, size, interpolation)
+    train_tf = train_transform(spec, size, interpolation=interpolation, **per_image) if augment else evaluate
     train = _load(name, spec.splits["train"], root=root, download=download, transform=train_tf)
     val = _load(name, spec.splits[val_split], root=root, download=download, transform=evaluate)
     info = _table_info(name, spec, size, train)
@@ -345,7 +394,7 @@ def build_data(
     if spec.style != "cifar":
         return DataBundle(info, train, val, None, _NOT_SMALL.format(name=name))
     batched = BatchAugmentation(pad=max(1, size // 8) if augment else 0, flip=spec.flip and augment)
-    return DataBundle(info, train, val, batched)
+    return DataBundle(info, train, val, batched, interpolation=interpolation)
 
 
 def build_eval_data(
@@ -356,6 +405,7 @@ def build_eval_data(
     split: str,
     image_size: int | None = None,
     class_names: tuple[str, ...] | None = None,
+    interpolation: Interpolation = "bilinear",
 ) -> tuple[DatasetInfo, Dataset]:
     """One split of a dataset with the evaluation transform, for scoring a trained model.
 
@@ -370,13 +420,13 @@ def build_eval_data(
         expected = list(class_names) if class_names else None
         if expected is None and (root / "train").is_dir():
             expected = _class_folders(root / "train")
-        transform = eval_transform(IMAGE_FOLDER_SPEC, size)
+        transform = eval_transform(IMAGE_FOLDER_SPEC, size, interpolation)
         data = _load_image_folder(_image_folder_split(root, split), transform, expected_classes=expected)
         return _image_folder_info(size, data.classes), data
     spec = DATASETS[name]
     size = _image_size(image_size, spec)
     split = _resolve_split(name, split, spec.splits)
-    data = _load(name, spec.splits[split], root=root, download=download, transform=eval_transform(spec, size))
+    data = _load(name, spec.splits[split], root=root, download=download, transform=eval_transform(spec, size, interpolation))
     return _table_info(name, spec, size, data), data
 
 
@@ -471,11 +521,11 @@ def _class_names(data: Dataset, num_classes: int) -> tuple[str, ...]:
 
 
 def _build_image_folder(
-    root: Path, *, image_size: int | None, augment: bool, val_split: str, **per_image: Any
+    root: Path, *, image_size: int | None, augment: bool, val_split: str, interpolation: Interpolation, **per_image: Any
 ) -> DataBundle:
     size = _image_size(image_size, IMAGE_FOLDER_SPEC)
-    evaluate = eval_transform(IMAGE_FOLDER_SPEC, size)
-    train_tf = train_transform(IMAGE_FOLDER_SPEC, size, **per_image) if augment else evaluate
+    evaluate = eval_transform(IMAGE_FOLDER_SPEC, size, interpolation)
+    train_tf = train_transform(IMAGE_FOLDER_SPEC, size, interpolation=interpolation, **per_image) if augment else evaluate
     train = _load_image_folder(_image_folder_split(root, "train"), train_tf)
     val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes)
     return DataBundle(_image_folder_info(size, train.classes), train, val, None, _NOT_SMALL.format(name=IMAGE_FOLDER))

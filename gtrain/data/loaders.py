@@ -106,11 +106,14 @@ def make_eval_loader(
 # On the device
 
 
-def load_uint8(dataset: Dataset, image_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def load_uint8(
+    dataset: Dataset, image_size: int, device: torch.device, interpolation: str = "bilinear"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a whole split once: images (N, C, H, W) uint8 and labels (N,) int64, on `device`."""
     # A copy that yields resized uint8 (C, H, W) tensors: the caller's dataset keeps its transform.
     raw = copy.copy(dataset)
-    raw.transform = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
+    resize = transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode(interpolation))
+    raw.transform = transforms.Compose([resize, transforms.PILToTensor()])
     loader = DataLoader(raw, batch_size=1024, num_workers=0)
     images, labels = zip(*loader)
     return torch.cat(images).to(device), torch.cat(labels).to(device)
@@ -205,8 +208,8 @@ def build_loaders(data: DataBundle, *, in_memory: str, global_batch: int, seed: 
         )
     info = data.info
     sampler = EpochSampler(len(data.train), seed, global_batch=global_batch, **shard)
-    train_images, train_labels = load_uint8(data.train, info.image_size, device)
-    val_images, val_labels = load_uint8(data.val, info.image_size, device)
+    train_images, train_labels = load_uint8(data.train, info.image_size, device, data.interpolation)
+    val_images, val_labels = load_uint8(data.val, info.image_size, device, data.interpolation)
     normalize = dict(mean=info.mean, std=info.std)
     train_loader = InMemoryLoader(
         train_images, train_labels, batch_size=batch_size, sampler=sampler, augmentation=data.augmentation,
