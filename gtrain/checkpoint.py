@@ -101,6 +101,7 @@ class WeightsMeta:
     dataset: str
     model_settings: dict[str, Any]
     interpolation: str = "bilinear"  # of the evaluation resize; files from before it was saved used bilinear
+    resize_size: int | None = None  # cropped data: the short side before the centre crop; None: image_size / 0.875
 
     def to_strings(self) -> dict[str, str]:
         return {
@@ -114,6 +115,7 @@ class WeightsMeta:
             "dataset": self.dataset,
             "model_settings": json.dumps(self.model_settings),
             "interpolation": self.interpolation,
+            **({"resize_size": str(self.resize_size)} if self.resize_size is not None else {}),
             "gtrain_version": __version__,
         }
 
@@ -141,6 +143,7 @@ class WeightsMeta:
             mean=field.numbers("mean", in_chans, 0.0, 1.0), std=field.numbers("std", in_chans, 1e-6, 10.0),
             class_names=tuple(class_names), dataset=field.text("dataset"), model_settings=field.model_settings(model),
             interpolation=field.choice("interpolation", ("bilinear", "bicubic"), default="bilinear"),
+            resize_size=field.integer("resize_size", 1, MAX_IMAGE_SIZE) if "resize_size" in meta else None,
         )  # fmt: skip
 
 

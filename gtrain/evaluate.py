@@ -204,7 +204,7 @@ def run_eval(
 
     info, dataset = build_eval_data(
         data.dataset, root=Path(data.root), download=data.download, split=split, image_size=meta.image_size,
-        class_names=meta.class_names, interpolation=meta.interpolation,
+        class_names=meta.class_names, interpolation=meta.interpolation, resize_size=meta.resize_size,
     )  # fmt: skip
     if info.num_classes != meta.num_classes or info.in_chans != meta.in_chans:
         raise UserError(

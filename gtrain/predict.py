@@ -52,7 +52,7 @@ def image_transform(meta: WeightsMeta) -> transforms.Compose:
     from gtrain.data import DATASETS, IMAGE_FOLDER_SPEC, eval_transform
 
     spec = DATASETS.get(meta.dataset, IMAGE_FOLDER_SPEC)
-    steps = list(eval_transform(spec, meta.image_size, meta.interpolation).transforms)
+    steps = list(eval_transform(spec, meta.image_size, meta.interpolation, meta.resize_size).transforms)
     steps[-1] = transforms.Normalize(meta.mean, meta.std)  # the weights' own statistics (the same numbers)
     return transforms.Compose([ConvertMode("L" if meta.in_chans == 1 else "RGB"), *steps])
 

@@ -57,6 +57,12 @@ class DataSection(Section):
         128, ge=1, description="global batch: images per optimizer step, over all processes and micro-batches"
     )
     image_size: int | None = Field(None, ge=4, description="side in pixels; unset: the dataset's default")
+    eval_image_size: int | None = Field(
+        None, ge=4, description="side of the evaluation crop, if not image_size (torchvision's newer recipes train at 176, test at 224)"
+    )
+    eval_resize_size: int | None = Field(
+        None, ge=4, description="cropped data (ImageFolder, photos): short side before the evaluation's centre crop; unset: crop / 0.875"
+    )
     augment: bool = Field(
         True, description="train with the dataset's own augmentation (random crop; flip where a mirror keeps the class)"
     )

@@ -421,7 +421,8 @@ def set_up(
         write_text_atomic(paths.recipe, recipe.to_toml())
     facts = {"recipe": recipe_name, "model": recipe.model.name, "dataset": info.name, "epochs": train.epochs}
     meta = WeightsMeta(
-        model=recipe.model.name, num_classes=info.num_classes, in_chans=info.in_chans, image_size=info.image_size,
+        model=recipe.model.name, num_classes=info.num_classes, in_chans=info.in_chans,
+        image_size=recipe.data.eval_image_size or info.image_size, resize_size=recipe.data.eval_resize_size,
         mean=info.mean, std=info.std, class_names=info.class_names, dataset=info.name,
         model_settings=recipe.model_overrides(), interpolation=recipe.data.interpolation,
     )  # fmt: skip
@@ -462,6 +463,7 @@ def load_data(recipe: Recipe, world: World):
             image_size=data_recipe.image_size, augment=data_recipe.augment, val_split=data_recipe.val_split,
             auto_augment=data_recipe.auto_augment, random_erasing=data_recipe.random_erasing,
             random_erasing_fill=data_recipe.random_erasing_fill, interpolation=data_recipe.interpolation,
+            eval_image_size=data_recipe.eval_image_size, eval_resize_size=data_recipe.eval_resize_size,
         )  # fmt: skip
     if len(data.train) < data_recipe.batch_size:
         raise UserError(

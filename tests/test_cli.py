@@ -222,16 +222,19 @@ def test_recipes_name_prints_the_recipe_fit_would_train_as_toml(tmp_path):
     assert invoke("recipes", "no_such_recipe").exit_code == 2
 
 
-def test_bicubic_interpolation_trains_and_is_what_eval_and_predict_resize_with(tmp_path, imagefolder_root):
+def test_the_evaluation_geometry_trains_and_is_what_eval_and_predict_resize_with(tmp_path, imagefolder_root):
+    """Bicubic resampling, a train crop of 20 and an evaluation of 24 after a resize to 30."""
     from safetensors import safe_open
 
     run = tmp_path / "run"
     result = invoke("fit", *TINY, "--set", "data.dataset=ImageFolder", "--set", f"data.root={imagefolder_root}",
-                    "--set", "data.image_size=24", "--set", "data.batch_size=16", "--set", "train.epochs=1",
-                    "--set", "data.interpolation=bicubic", "--set", "model.stage_depths=[1, 1, 1]", "--out", run)  # fmt: skip
+                    "--set", "data.image_size=20", "--set", "data.batch_size=16", "--set", "train.epochs=1",
+                    "--set", "data.interpolation=bicubic", "--set", "data.eval_image_size=24",
+                    "--set", "data.eval_resize_size=30", "--set", "model.stage_depths=[1, 1, 1]", "--out", run)  # fmt: skip
     assert result.exit_code == 0, result.output
     with safe_open(run / "best.safetensors", "pt") as weights:
-        assert weights.metadata()["interpolation"] == "bicubic"
+        meta = weights.metadata()
+        assert (meta["interpolation"], meta["image_size"], meta["resize_size"]) == ("bicubic", "24", "30")
     trained = json.loads((run / "run.json").read_text())["best_top1"]
     scored = invoke("eval", run, "--split", "val", "--json")
     assert scored.exit_code == 0 and json.loads(scored.output)["top1"] == trained, scored.output
@@ -240,5 +243,7 @@ def test_bicubic_interpolation_trains_and_is_what_eval_and_predict_resize_with(t
     from gtrain.predict import image_transform
 
     _, meta, _ = load_model(run / "best.safetensors")
-    resizes = [step for step in image_transform(meta).transforms if isinstance(step, transforms.Resize)]
-    assert [step.interpolation for step in resizes] == [transforms.InterpolationMode.BICUBIC]
+    steps = image_transform(meta).transforms
+    resizes = [step for step in steps if isinstance(step, transforms.Resize)]
+    assert [(step.interpolation, step.size) for step in resizes] == [(transforms.InterpolationMode.BICUBIC, 30)]
+    assert [step.size for step in steps if isinstance(step, transforms.CenterCrop)] == [(24, 24)]

@@ -328,15 +328,19 @@ def _posterize(image: Image.Image, bits: int, **_: Any) -> Image.Image:
     return ImageOps.posterize(image, bits)
 
 
-def eval_transform(spec: DatasetSpec, image_size: int, interpolation: Interpolation = "bilinear") -> transforms.Compose:
+def eval_transform(
+    spec: DatasetSpec, image_size: int, interpolation: Interpolation = "bilinear", resize_size: int | None = None
+) -> transforms.Compose:
     """The evaluation transform of a table row: deterministic, the geometry the model trained on."""
     resample = transforms.InterpolationMode(interpolation)
     if spec.style == "cifar":
         steps = [transforms.Resize((image_size, image_size), interpolation=resample)]
     else:
-        # Resize the short side to size/0.875 and take the centre: the standard ImageNet
-        # evaluation (256 -> 224), close to the average scale of random-resized crops.
-        steps = [transforms.Resize(int(image_size / 0.875), interpolation=resample), transforms.CenterCrop(image_size)]
+        # Resize the short side to size/0.875 (unless `resize_size` says otherwise) and take
+        # the centre: the standard ImageNet evaluation (256 -> 224), close to the average
+        # scale of random-resized crops.
+        resize = resize_size or int(image_size / 0.875)
+        steps = [transforms.Resize(resize, interpolation=resample), transforms.CenterCrop(image_size)]
     return transforms.Compose([*steps, *_to_normalized_tensor(spec)])
 
 
@@ -366,8 +370,12 @@ def build_data(
     random_erasing: float = 0.0,
     random_erasing_fill: ErasingFill = "mean",
     interpolation: Interpolation = "bilinear",
+    eval_image_size: int | None = None,
+    eval_resize_size: int | None = None,
 ) -> DataBundle:
-    """The train set (augmented when `augment`) and the `val_split` set (never augmented).
+    """The train set (augmented when `augment`) and the `val_split` set (never augmented),
+    evaluated at `eval_image_size` (default: the training size), resized first to
+    `eval_resize_size` where the data is cropped (ImageFolder and photo datasets).
 
     `auto_augment` and `random_erasing` are per-image transforms: with either, the data
     comes through a DataLoader (`augmentation` is None), not the batched in-memory path.
@@ -378,13 +386,19 @@ def build_data(
     name = _canonical_name(dataset)
     root = Path(root)
     per_image = dict(auto_augment=auto_augment, random_erasing=random_erasing, random_erasing_fill=random_erasing_fill)
+    evaluation = dict(eval_image_size=eval_image_size, eval_resize_size=eval_resize_size)
     if name == IMAGE_FOLDER:
         return _build_image_folder(root, image_size=image_size, augment=augment, val_split=val_split,
-                                   interpolation=interpolation, **per_image)  # fmt: skip
+                                   interpolation=interpolation, **evaluation, **per_image)  # fmt: skip
     spec = DATASETS[name]
     size = _image_size(image_size, spec)
     val_split = _resolve_split(name, val_split, spec.splits)
-    evaluate = eval_transform(spec, size, interpolation)
+    if spec.style == "cifar" and (eval_image_size not in (None, size) or eval_resize_size is not None):
+        raise UserError(
+            f"data.eval_image_size and data.eval_resize_size are for data that is cropped to be evaluated "
+            f"(ImageFolder, photo datasets); {name} is evaluated whole at data.image_size: leave them unset"
+        )
+    evaluate = eval_transform(spec, eval_image_size or size, interpolation, eval_resize_size)
     train_tf = train_transform(spec, size, interpolation=interpolation, **per_image) if augment else evaluate
     train = _load(name, spec.splits["train"], root=root, download=download, transform=train_tf)
     val = _load(name, spec.splits[val_split], root=root, download=download, transform=evaluate)
@@ -406,6 +420,7 @@ def build_eval_data(
     image_size: int | None = None,
     class_names: tuple[str, ...] | None = None,
     interpolation: Interpolation = "bilinear",
+    resize_size: int | None = None,
 ) -> tuple[DatasetInfo, Dataset]:
     """One split of a dataset with the evaluation transform, for scoring a trained model.
 
@@ -420,13 +435,13 @@ def build_eval_data(
         expected = list(class_names) if class_names else None
         if expected is None and (root / "train").is_dir():
             expected = _class_folders(root / "train")
-        transform = eval_transform(IMAGE_FOLDER_SPEC, size, interpolation)
+        transform = eval_transform(IMAGE_FOLDER_SPEC, size, interpolation, resize_size)
         data = _load_image_folder(_image_folder_split(root, split), transform, expected_classes=expected)
         return _image_folder_info(size, data.classes), data
     spec = DATASETS[name]
     size = _image_size(image_size, spec)
     split = _resolve_split(name, split, spec.splits)
-    data = _load(name, spec.splits[split], root=root, download=download, transform=eval_transform(spec, size, interpolation))
+    data = _load(name, spec.splits[split], root=root, download=download, transform=eval_transform(spec, size, interpolation, resize_size))
     return _table_info(name, spec, size, data), data
 
 
@@ -521,10 +536,11 @@ def _class_names(data: Dataset, num_classes: int) -> tuple[str, ...]:
 
 
 def _build_image_folder(
-    root: Path, *, image_size: int | None, augment: bool, val_split: str, interpolation: Interpolation, **per_image: Any
-) -> DataBundle:
+    root: Path, *, image_size: int | None, augment: bool, val_split: str, interpolation: Interpolation,
+    eval_image_size: int | None, eval_resize_size: int | None, **per_image: Any,
+) -> DataBundle:  # fmt: skip
     size = _image_size(image_size, IMAGE_FOLDER_SPEC)
-    evaluate = eval_transform(IMAGE_FOLDER_SPEC, size, interpolation)
+    evaluate = eval_transform(IMAGE_FOLDER_SPEC, eval_image_size or size, interpolation, eval_resize_size)
     train_tf = train_transform(IMAGE_FOLDER_SPEC, size, interpolation=interpolation, **per_image) if augment else evaluate
     train = _load_image_folder(_image_folder_split(root, "train"), train_tf)
     val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes)
