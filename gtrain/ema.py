@@ -21,8 +21,9 @@ class WeightEMA:
     (BatchNorm's batch counter) are copied.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = True):
         self.decay = decay
+        self.warmup = warmup  # False: `decay` from the first update, as timm's ModelEma (v1)
         self.updates = 0  # a Python int: reading a device counter would sync every step
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         pairs = list(zip(self._tensors(self.module), self._tensors(model), strict=True))
@@ -38,7 +39,7 @@ class WeightEMA:
     @torch.no_grad()
     def update(self) -> None:
         """Average in the current weights of the model this was made from."""
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
         torch._foreach_lerp_(self._ema_floats, self._model_floats, 1 - decay)
         for ema, current in zip(self._ema_others, self._model_others):
             ema.copy_(current)

@@ -175,6 +175,11 @@ class TrainSection(Section):
         description="keep an exponential moving average of the weights, updated every step, validated every epoch "
         "and saved as best_ema/final_ema.safetensors",
     )
+    ema_warmup: bool = Field(
+        True,
+        description="start the average short, decay min(ema_decay, (1 + n) / (10 + n)) after n steps; false: ema_decay "
+        "from the first step, as timm's ModelEma in the HorNet release",
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many epochs without a new best validation top-1"
     )

@@ -163,7 +163,7 @@ def build_training_run(
         scheduler=build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=train.epochs, optim=recipe.optim),
         scaler=torch.amp.GradScaler(device.type, enabled=train.precision == "fp16"),
         # After the wrap: DDP has given every process the main process's initial weights.
-        ema=WeightEMA(model, train.ema_decay) if train.ema_decay else None,
+        ema=WeightEMA(model, train.ema_decay, warmup=train.ema_warmup) if train.ema_decay else None,
         recipe=recipe.to_dict(),
     )
     return run, loaded

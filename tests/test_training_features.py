@@ -53,16 +53,17 @@ def test_accumulate_steps_larger_than_the_batch_is_one_line(tiny):
     assert "train.accumulate_steps = 64" in result.output and "data.batch_size = 32" in result.output
 
 
-def test_ema_follows_the_published_update_with_warmup():
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_follows_the_published_update_with_or_without_warmup(warmup):
     model = nn.Linear(3, 2)
-    ema = WeightEMA(model, decay=0.9)
+    ema = WeightEMA(model, decay=0.9, warmup=warmup)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     for n in range(30):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         ema.update()
-        decay = min(0.9, (1 + n) / (10 + n))
+        decay = min(0.9, (1 + n) / (10 + n)) if warmup else 0.9  # timm's ModelEma: no warmup
         expected = {k: decay * expected[k] + (1 - decay) * v for k, v in model.state_dict().items()}
     for key, value in ema.module.state_dict().items():
         torch.testing.assert_close(value, expected[key])

@@ -263,7 +263,8 @@ def train_transform(
     """The training augmentation of a table row: PIL image in, normalized float tensor (C, H, W) out.
 
     `auto_augment` adds a policy after the crop and flip (RandAugment with torchvision's
-    defaults, 2 ops of magnitude 9; TrivialAugment draws one op and magnitude per image);
+    defaults, 2 ops of magnitude 9; TrivialAugment draws one op and magnitude per image;
+    timm's RandAugment from its config string);
     `random_erasing` is the probability of erasing a rectangle of the normalized tensor,
     filled with 0 (the dataset mean) or, with `random_erasing_fill = "noise"`, with normal
     noise per pixel (timm's "pixel" mode, which the HorNet release uses). `interpolation`
@@ -282,10 +283,12 @@ def train_transform(
         steps = [transforms.RandomResizedCrop(image_size, interpolation=resample)]
     if spec.flip:
         steps.append(transforms.RandomHorizontalFlip())
+    # The policies' rotations and shears resample with the crop's interpolation, as
+    # torchvision's reference train.py has them (their default is nearest).
     if auto_augment == "randaugment":
-        steps.append(transforms.RandAugment())
+        steps.append(transforms.RandAugment(interpolation=resample))
     elif auto_augment == "trivialaugment":
-        steps.append(transforms.TrivialAugmentWide())
+        steps.append(transforms.TrivialAugmentWide(interpolation=resample))
     elif auto_augment.startswith("rand"):
         steps.append(timm_rand_augment(auto_augment, image_size, spec.stats.mean, interpolation))
     steps += _to_normalized_tensor(spec)
