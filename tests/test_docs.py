@@ -1,6 +1,7 @@
 """The README keeps its promises: its recipe reference is the schema's own, its table of
 bundled recipes lists exactly the bundled recipes with their own models and numbers, and
 the recipe of its tutorial trains on an image folder laid out as the tutorial says.
+docs/recipes.md's tables hold each reproduction recipe's own values, setting by setting.
 
 `make docs` (`python -m tests.test_docs`) rewrites the generated recipe reference in README.md.
 """
@@ -16,10 +17,15 @@ from typer.testing import CliRunner
 
 from gtrain.cli import app
 from gtrain.models import create_model
-from gtrain.recipe import SAFE_TO_CHANGE_ON_RESUME, Recipe, bundled_recipes, load_recipe, recipe_reference, validate_recipe
+from gtrain.recipe import (
+    SAFE_TO_CHANGE_ON_RESUME, Recipe, bundled_recipes, flatten, load_recipe, recipe_reference, validate_recipe,
+)  # fmt: skip
 from tests.conftest import write_image_folder
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+RECIPES_DOC = README.parent / "docs" / "recipes.md"
+# Measured on a CPU, no published training to follow: their headers state the evidence.
+OWN_RECIPES = {"quickstart", "quickstart_hornet"}
 REFERENCE_START = "<!-- recipe-reference:start -->\n"
 REFERENCE_END = "<!-- recipe-reference:end -->"
 TUTORIAL_RECIPE = re.compile(r"<!-- tutorial-recipe -->\n```toml\n(.*?)```", re.DOTALL)
@@ -178,3 +184,49 @@ def test_tutorial_recipe_trains_on_an_image_folder_laid_out_as_the_tutorial_says
 if __name__ == "__main__":
     rewrite_reference()
     print(f"rewrote the recipe reference in {README}")
+
+
+# --------------------------------------------------------------------- docs/recipes.md
+
+
+def recipe_tables(text: str) -> dict[str, list[list[str]]]:
+    """{recipe name: the rows (setting, published, gtrain, same?) of its table}."""
+    parts = re.split(r"^## `([a-z0-9_]+)`$", text, flags=re.MULTILINE)
+    tables = {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        rows = [[cell.strip() for cell in line.strip()[1:-1].split(" | ")] for line in body.splitlines()
+                if line.startswith("| ") and not line.startswith("| setting |")]  # fmt: skip
+        assert all(len(row) == 4 for row in rows), f"docs/recipes.md, {name}: a row without 4 cells"
+        tables[name] = rows
+    return tables
+
+
+def documented_value(cell: str):
+    """The gtrain column's value: a TOML literal in backticks, or "unset ..." for None."""
+    if cell.startswith("unset"):
+        return None
+    match = re.match(r"`([^`]+)`", cell)
+    assert match, f"docs/recipes.md: {cell!r} is neither `a TOML value` nor unset"
+    return tomllib.loads(f"v = {match.group(1)}")["v"]
+
+
+def test_docs_recipes_has_a_table_for_every_reproduction_recipe():
+    assert set(recipe_tables(RECIPES_DOC.read_text())) == set(bundled_recipes()) - OWN_RECIPES
+
+
+@pytest.mark.parametrize("name", sorted(set(bundled_recipes()) - OWN_RECIPES))
+def test_docs_recipes_table_holds_the_recipes_own_values(name):
+    rows = recipe_tables(RECIPES_DOC.read_text())[name]
+    resolved = flatten(load_recipe(name)[0].to_dict())
+    keyed = {}
+    for setting, published, ours, same in rows:
+        # "same", or "same: " / "no: " and a reason of a few words
+        assert published and (same == "same" or re.fullmatch(r"(same|no): \S+( \S+){2,}", same)), (name, setting, same)
+        key = re.fullmatch(r"`([a-z_]+\.[a-z0-9_]+)`", setting)
+        if key:
+            keyed[key.group(1)] = documented_value(ours)
+    for key, value in keyed.items():
+        assert resolved.get(key) == value, f"docs/recipes.md says {name} has {key} = {value!r}; it resolves to {resolved.get(key)!r}"
+    document = tomllib.loads(bundled_recipes()[name].read_text())
+    missing = set(flatten(document)) - {"description"} - set(keyed)
+    assert not missing, f"{name} sets {sorted(missing)}, which docs/recipes.md does not list"
