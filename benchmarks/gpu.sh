@@ -3,9 +3,10 @@
 #   resnext29_8x64d and hornet_cifar_tiny_7x7 at 32 px (batch 256),
 #   resnext50_32x4d and hornet_tiny_7x7 at 224 px (batch 128),
 #   eager: fp32 and bf16 x NCHW and channels_last (16 runs), then
-#   two short `gtrain fit` runs with the defaults: the quickstart (in-memory data on the
-#   GPU) and resnext50_32x4d on FakeData at 224 px (the DataLoader path, 8 workers), for
-#   images/s and the share of time spent waiting for data; then
+#   three short `gtrain fit` runs with the defaults: the quickstart (in-memory data on the
+#   GPU), resnext50_32x4d on FakeData at 224 px (the DataLoader path, 8 workers) and on
+#   a folder of JPEGs (the uint8 ImageFolder path), for images/s and the share of time
+#   spent waiting for data, and `gtrain bench --data` on the JPEG recipe; then
 #   compiled: bf16 + channels_last, the setup one would train with (4 runs).
 # torch.compile takes a minute or more per model (training and inference graphs), so
 # the compiled runs come last and cover only the setup that matters.
@@ -124,6 +125,26 @@ fit quickstart_digits 120 quickstart --set train.epochs="$FIT_EPOCHS"
 fit "resnext50_fakedata_$SIZE_LARGE" 240 quickstart --set data.dataset=FakeData --set model.name=resnext50_32x4d \
   --set data.image_size="$SIZE_LARGE" --set data.batch_size="$FIT_BATCH" --set data.workers=8 \
   --set train.epochs="$FIT_EPOCHS" --set optim.warmup_epochs=0
+
+# The ImageFolder path: photograph-like 500x375 JPEGs drawn by benchmarks/loader.py,
+# decoded with torchvision.io in 8 workers, uint8 batches finished on the GPU; then
+# `gtrain bench --data` on the same recipe: the loader alone against the model's step.
+# (JPEG decoding on the GPU is not an option of gtrain yet: CPU decoding only.)
+jpegs="$OUT_DIR/jpegs"
+if [[ ! -d $jpegs/train ]]; then
+  "$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks"); from pathlib import Path; import loader; loader.write_jpegs(Path(sys.argv[1]), int(sys.argv[2]))' \
+    "$jpegs" "${JPEGS:-1024}"
+fi
+jpeg_recipe=(quickstart --set data.dataset=ImageFolder --set data.root="$jpegs" --set model.name=resnext50_32x4d
+  --set data.image_size="$SIZE_LARGE" --set data.batch_size="$FIT_BATCH" --set data.workers=8)
+fit "resnext50_jpegs_$SIZE_LARGE" 240 "${jpeg_recipe[@]}" --set train.epochs="$FIT_EPOCHS" --set optim.warmup_epochs=0
+if ((BUDGET_S - SECONDS > 60)); then
+  echo "== bench --data resnext50 jpegs (${SECONDS}s used)" | tee -a "$log"
+  timeout --kill-after=10 120 "$PYTHON" -m gtrain bench --data "${jpeg_recipe[@]}" --device "$DEVICE" --batches 100 \
+    --steps "$STEPS" --json 2>>"$log" | tail -n 1 | tee "$OUT_DIR/gpu_bench_data.jsonl" || failed+=("bench --data jpegs")
+else
+  skipped+=("bench --data jpegs")
+fi
 
 # Compiled last: a compile takes a minute or more, and the budget may end first.
 # HorNet first: its LayerNorms, gates and GELUs are where fusion can pay.

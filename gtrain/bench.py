@@ -108,6 +108,8 @@ def run_bench(
     warmup: int = 5,
     repeats: int = 5,
     num_classes: int = 1000,
+    in_chans: int = 3,
+    model_settings: dict | None = None,
 ) -> BenchResult:
     """Time training steps and inference of `model_name`. `image_size` None: the model's
     default; `channels_last` None: as `gtrain fit` decides (on for CUDA)."""
@@ -129,8 +131,8 @@ def run_bench(
     # As `gtrain fit` does unless train.deterministic: cuDNN picks the fastest kernels.
     torch.backends.cudnn.benchmark = True
 
-    model = create_model(model_name, num_classes=num_classes).to(device_)
-    images = torch.randn(batch_size, 3, image_size, image_size, device=device_)
+    model = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **(model_settings or {})).to(device_)
+    images = torch.randn(batch_size, in_chans, image_size, image_size, device=device_)
     labels = torch.randint(0, num_classes, (batch_size,), device=device_)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -146,7 +148,7 @@ def run_bench(
     model.eval()
     infer_rates = _images_per_s(functools.partial(_infer_step, forward, images, device_, precision), **timing)
 
-    flops_per_image = forward_flops(model_name, image_size, num_classes)
+    flops_per_image = forward_flops(model_name, image_size, num_classes) if in_chans == 3 and not model_settings else 0
     train_images_per_s = statistics.median(train_rates)
     tflops = 3 * flops_per_image * train_images_per_s / 1e12
     name = _device_name(device_)
@@ -160,6 +162,101 @@ def run_bench(
         flops_per_image=flops_per_image, tflops=tflops,
         mfu=tflops / peak if peak else None, peak_tflops=peak,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# gtrain bench --data: is the loader or the model the limit?
+
+
+@dataclass
+class DataBenchResult:
+    recipe: str
+    device: str
+    loader: str  # which path, how many workers, what the batches hold
+    batch_size: int  # images per process and step
+    image_size: int
+    batches: int  # timed
+    loader_images_per_s: float  # the training loader alone, until the batch is on the device
+    train_images_per_s: float  # the model's training step alone, on random images there
+    limited_by: str  # "data" or "model"
+    data_wait_fraction: float  # the share of a step the model would wait for data: 1 - loader / train, or 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+def run_data_bench(
+    recipe, recipe_name: str, *, device: str | None = None, batches: int = 200, warmup: int = 10, steps: int = 10,
+    repeats: int = 3,
+) -> DataBenchResult:  # fmt: skip
+    """The recipe's training loader as `gtrain fit` builds it (its workers, batch,
+    augmentation and path), for `batches` batches after `warmup`, and its model's training
+    step on the same device at the same batch."""
+    from gtrain.data.loaders import DeviceBatches, InMemoryLoader, build_loaders
+    from gtrain.distributed import World
+    from gtrain.train import check_batch_split, load_data
+
+    if batches < 1 or warmup < 0:
+        raise UserError(f"--batches {batches} and --warmup {warmup}: need at least 1 batch and no negative warmup")
+    world, train = World(), recipe.train
+    device_ = runtime.resolve_device(device or train.device)
+    runtime.seed_everything(train.seed, deterministic=False)
+    check_batch_split(recipe, world)
+    data = load_data(recipe, world)
+    loader, sampler, _ = build_loaders(
+        data, in_memory=recipe.data.in_memory, global_batch=recipe.data.batch_size, seed=train.seed,
+        workers=recipe.data.workers, device=device_, world=world,
+    )  # fmt: skip
+    if isinstance(loader, InMemoryLoader):
+        path = "on the device (uint8 held there, augmented in batches)"
+    else:
+        kind = "uint8 batches, finished on the device" if isinstance(loader, DeviceBatches) else "float32 batches"
+        path = f"DataLoader, {recipe.data.workers} workers, {kind}"
+    images, epoch, timed, start = 0, 0, -warmup, 0.0
+    while timed < batches:
+        sampler.set_epoch(epoch)
+        for inputs, _ in loader:
+            inputs = inputs.to(device_, non_blocking=True)
+            timed += 1
+            if timed == 0:
+                _synchronize(device_)
+                start = time.perf_counter()
+            elif timed > 0:
+                images += len(inputs)
+            if timed >= batches:
+                break
+        epoch += 1
+    _synchronize(device_)
+    loader_rate = images / (time.perf_counter() - start)
+    step = run_bench(
+        recipe.model.name, batch_size=len(inputs), image_size=data.info.image_size, precision=train.precision,
+        channels_last=runtime.resolve_channels_last(train.channels_last, device_), device=str(device_), steps=steps,
+        warmup=2, repeats=repeats, num_classes=data.info.num_classes, in_chans=data.info.in_chans,
+        model_settings=recipe.model_overrides(),
+    )  # fmt: skip
+    train_rate = step.train_images_per_s
+    return DataBenchResult(
+        recipe=recipe_name, device=str(device_), loader=path, batch_size=len(inputs), image_size=data.info.image_size,
+        batches=batches, loader_images_per_s=loader_rate, train_images_per_s=train_rate,
+        limited_by="data" if loader_rate < train_rate else "model",
+        data_wait_fraction=max(0.0, 1 - loader_rate / train_rate),
+    )  # fmt: skip
+
+
+def format_data_rows(result: DataBenchResult) -> list[tuple[str, str]]:
+    r = result
+    if r.limited_by == "data":
+        verdict = (f"the data loader: the model could train {r.train_images_per_s / r.loader_images_per_s:.1f}x faster; "
+                   f"it would wait for batches {r.data_wait_fraction:.0%} of the time")  # fmt: skip
+    else:
+        verdict = f"the model: the loader has {r.loader_images_per_s / r.train_images_per_s:.1f}x the images/s it needs"
+    return [
+        ("recipe", f"{r.recipe}, batch {r.batch_size} x {r.image_size} px, on {r.device}"),
+        ("loader", r.loader),
+        ("data", f"{r.loader_images_per_s:,.1f} img/s ({r.batches} batches, the loader alone)"),
+        ("model", f"{r.train_images_per_s:,.1f} img/s (training steps alone, on random images)"),
+        ("limit", verdict),
+    ]
 
 
 def format_rows(result: BenchResult) -> list[tuple[str, str]]:

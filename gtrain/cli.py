@@ -514,7 +514,13 @@ def models(
 
 @app.command()
 def bench(
-    model: Annotated[str, typer.Argument(help="Model name (see `gtrain models`).")],
+    model: Annotated[Optional[str], typer.Argument(help="Model name (see `gtrain models`).")] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option("--data", help="Instead of a model: this recipe's training loader against its model's step."),
+    ] = None,
+    overrides: SetOption = None,
+    batches: Annotated[int, typer.Option(help="--data: batches of the loader to time.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     image_size: Annotated[Optional[int], typer.Option(help="Image side in pixels (default: the model's).")] = None,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
@@ -528,9 +534,34 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed groups; the result is their median.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
 ) -> None:
-    """Training-step and inference images/s of one model, achieved TFLOP/s and MFU."""
-    from gtrain.bench import format_rows, run_bench
+    """Training-step and inference images/s of one model, achieved TFLOP/s and MFU; with
+    --data RECIPE, whether that recipe's data loader or its model limits a run, and by how much."""
+    from gtrain.bench import format_data_rows, format_rows, run_bench, run_data_bench
 
+    if (model is None) == (data is None):
+        raise fail(UserError("give a model name, or --data RECIPE (not both): `gtrain bench resnext50_32x4d`, "
+                             "`gtrain bench --data my_recipe.toml`"))  # fmt: skip
+    if data is not None:
+        from gtrain.recipe import load_recipe
+
+        try:
+            recipe, name = load_recipe(data, overrides or [])
+            result = run_data_bench(recipe, name, device=None if device == "auto" else device, batches=batches,
+                                    warmup=warmup, steps=steps, repeats=min(repeats, 3))  # fmt: skip
+        except UserError as error:
+            raise fail(error) from None
+        except OSError as error:  # an unreadable or corrupt data file
+            raise fail(UserError(f"{error_line(error, last=True)}; fix or remove that file")) from None
+        if as_json:
+            sys.stdout.write(result.to_json() + "\n")
+            return
+        table = Table(title=f"gtrain bench --data {printable(data)}", show_header=False)
+        for label, value in format_data_rows(result):
+            table.add_row(label, printable(value))
+        console.print(table)
+        return
+    if overrides:
+        raise fail(UserError("--set changes a recipe: use it with --data RECIPE"))
     try:
         result = run_bench(
             model, batch_size=batch_size, image_size=image_size, precision=precision, channels_last=channels_last,

@@ -8,6 +8,7 @@ import pytest
 
 from gtrain.bench import BenchResult, format_rows, forward_flops, peak_tflops, run_bench
 from gtrain.errors import UserError
+from tests.conftest import invoke
 
 TINY = dict(batch_size=4, image_size=16, steps=2, warmup=1, repeats=2, device="cpu")
 
@@ -86,3 +87,29 @@ def test_unknown_model_is_a_user_error_that_suggests_a_name():
 )
 def test_peak_table_tells_close_gpu_names_apart(device_name, precision, peak):
     assert peak_tflops(device_name, precision) == peak
+
+
+@pytest.mark.parametrize(
+    ("settings", "path"),
+    [
+        ([], "on the device"),
+        (["data.dataset=ImageFolder", "data.image_size=16", "data.batch_size=8", "data.workers=0"], "uint8 batches, finished on the device"),
+    ],
+)
+def test_bench_data_says_whether_the_loader_or_the_model_limits_the_recipe(settings, path, imagefolder_root):
+    args = [arg for setting in settings for arg in ("--set", setting)]
+    if settings:
+        args += ["--set", f"data.root={imagefolder_root}"]
+    result = invoke("bench", "--data", "quickstart", *args, "--batches", 5, "--warmup", 1, "--steps", 1, "--repeats", 1,
+                    "--device", "cpu", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["loader_images_per_s"] > 0 and report["train_images_per_s"] > 0 and path in report["loader"]
+    slower = "data" if report["loader_images_per_s"] < report["train_images_per_s"] else "model"
+    assert report["limited_by"] == slower and 0 <= report["data_wait_fraction"] < 1
+
+
+def test_bench_needs_a_model_or_a_recipe_not_both():
+    for args in ([], ["resnext29_2x16d", "--data", "quickstart"]):
+        result = invoke("bench", *args)
+        assert result.exit_code == 2 and "--data RECIPE" in result.output, result.output

@@ -181,3 +181,20 @@ def test_unwritable_output_folder_is_one_line(tmp_path, fast):
     result = gtrain_in_process("fit", *fast, "--out", blocker / "run")
     assert result.returncode == 2
     assert "cannot write" in result.stderr and "--out" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_is_bit_exact_on_the_uint8_image_folder_path(tmp_path, imagefolder_root):
+    """Crops, flips, TrivialAugment in the loader and noise erasing on the device: all drawn
+    from the generators a checkpoint saves (data.workers = 0)."""
+    common = ["quickstart", "--set", "data.dataset=ImageFolder", "--set", f"data.root={imagefolder_root}",
+              "--set", "data.image_size=16", "--set", "data.batch_size=8", "--set", "data.workers=0",
+              "--set", "model.stage_depths=[1, 1, 1]", "--set", "train.epochs=2", "--set", "train.precision=fp32",
+              "--set", "train.deterministic=true", "--set", "data.auto_augment=trivialaugment",
+              "--set", "data.random_erasing=0.5", "--set", "data.random_erasing_fill=noise"]  # fmt: skip
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert gtrain("fit", *common, "--out", reference).returncode == 0
+    stopped = gtrain("fit", *common, "--out", run, fault="signal-at-step:9:SIGTERM")  # mid-way through epoch 2
+    assert stopped.returncode == 75, stopped.stderr
+    resumed = gtrain("fit", "--resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(load_file(run / "final.safetensors"), load_file(reference / "final.safetensors"))

@@ -143,6 +143,21 @@ class DataBundle:
     augmentation: "BatchAugmentation | None" = None
     not_in_memory_because: str = ""  # why they cannot, for the error of data.in_memory = "on"
     interpolation: str = "bilinear"  # how the on-device path resizes them, as the transforms do
+    # Set where the DataLoader's training batches are uint8 (C, H, W) images: what the device
+    # does to each batch before the step (gtrain.data.loaders.DeviceBatches).
+    device_finish: "DeviceFinish | None" = None
+
+
+@dataclass(frozen=True)
+class DeviceFinish:
+    """The end of a uint8 training pipeline, run on the device in batches: to float,
+    normalise, and erase a random rectangle per image (torchvision's RandomErasing, with the
+    same draws)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    random_erasing: float = 0.0
+    random_erasing_fill: str = "mean"
 
 
 @dataclass(frozen=True)
@@ -331,6 +346,48 @@ def _posterize(image: Image.Image, bits: int, **_: Any) -> Image.Image:
     return ImageOps.posterize(image, bits)
 
 
+def uint8_train_transform(
+    spec: DatasetSpec, image_size: int, *, auto_augment: AutoAugment = "none", interpolation: Interpolation = "bilinear"
+):
+    """The training augmentation of a "imagenet" style row on uint8 (C, H, W) tensors
+    (transforms.v2): a PIL item becomes a tensor first, a decoded file (`read_image_file`)
+    goes straight in. What `train_transform` does after its crop, flip and policy, the
+    device does to the batch (`DeviceFinish`): workers send a quarter of float32's bytes.
+    The crop resamples the tensor with antialiasing, close to PIL's resize but not equal."""
+    from torchvision.transforms import v2
+
+    resample = transforms.InterpolationMode(interpolation)
+    steps = [v2.PILToTensor(), v2.RandomResizedCrop(image_size, interpolation=resample, antialias=True)]
+    if spec.flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if auto_augment == "randaugment":
+        steps.append(v2.RandAugment(interpolation=resample))
+    elif auto_augment == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide(interpolation=resample))
+    return v2.Compose(steps)
+
+
+def read_image_file(path: str):
+    """An image file as uint8 (3, H, W): JPEG, PNG, WebP and GIF through torchvision.io
+    (libjpeg-turbo straight into a tensor), other formats through PIL."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.transforms.functional import pil_to_tensor
+
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        pass  # not a format torchvision.io decodes, or a damaged file: PIL tells which
+    with Image.open(path) as image:  # a damaged file raises OSError naming the path
+        return pil_to_tensor(image.convert("RGB"))
+
+
+def uses_uint8_batches(spec: DatasetSpec, augment: bool, auto_augment: AutoAugment) -> bool:
+    """Training batches go through the DataLoader as uint8 for cropped data ("imagenet"
+    style); timm's RandAugment works on PIL images and keeps the float path, as do the
+    small "cifar" style images, for which PIL's per-image transforms cost little."""
+    return augment and spec.style != "cifar" and not auto_augment.startswith("rand-")
+
+
 def eval_transform(
     spec: DatasetSpec, image_size: int, interpolation: Interpolation = "bilinear", resize_size: int | None = None
 ) -> transforms.Compose:
@@ -402,14 +459,19 @@ def build_data(
             f"(ImageFolder, photo datasets); {name} is evaluated whole at data.image_size: leave them unset"
         )
     evaluate = eval_transform(spec, eval_image_size or size, interpolation, eval_resize_size)
-    train_tf = train_transform(spec, size, interpolation=interpolation, **per_image) if augment else evaluate
+    finish = None
+    if uses_uint8_batches(spec, augment, auto_augment):
+        train_tf = uint8_train_transform(spec, size, auto_augment=auto_augment, interpolation=interpolation)
+        finish = DeviceFinish(spec.stats.mean, spec.stats.std, random_erasing, random_erasing_fill)
+    else:
+        train_tf = train_transform(spec, size, interpolation=interpolation, **per_image) if augment else evaluate
     train = _load(name, spec.splits["train"], root=root, download=download, transform=train_tf)
     val = _load(name, spec.splits[val_split], root=root, download=download, transform=evaluate)
     info = _table_info(name, spec, size, train)
+    if spec.style != "cifar":
+        return DataBundle(info, train, val, None, _NOT_SMALL.format(name=name), device_finish=finish)
     if augment and (auto_augment != "none" or random_erasing > 0):
         return DataBundle(info, train, val, None, "data.auto_augment and data.random_erasing run per image")
-    if spec.style != "cifar":
-        return DataBundle(info, train, val, None, _NOT_SMALL.format(name=name))
     batched = BatchAugmentation(pad=max(1, size // 8) if augment else 0, flip=spec.flip and augment)
     return DataBundle(info, train, val, batched, interpolation=interpolation)
 
@@ -544,10 +606,17 @@ def _build_image_folder(
 ) -> DataBundle:  # fmt: skip
     size = _image_size(image_size, IMAGE_FOLDER_SPEC)
     evaluate = eval_transform(IMAGE_FOLDER_SPEC, eval_image_size or size, interpolation, eval_resize_size)
-    train_tf = train_transform(IMAGE_FOLDER_SPEC, size, interpolation=interpolation, **per_image) if augment else evaluate
-    train = _load_image_folder(_image_folder_split(root, "train"), train_tf)
+    spec = IMAGE_FOLDER_SPEC
+    if uses_uint8_batches(spec, augment, per_image["auto_augment"]):
+        train_tf = uint8_train_transform(spec, size, auto_augment=per_image["auto_augment"], interpolation=interpolation)
+        finish = DeviceFinish(spec.stats.mean, spec.stats.std, per_image["random_erasing"], per_image["random_erasing_fill"])
+        train = _load_image_folder(_image_folder_split(root, "train"), train_tf, loader=read_image_file)
+    else:
+        train_tf = train_transform(spec, size, interpolation=interpolation, **per_image) if augment else evaluate
+        finish, train = None, _load_image_folder(_image_folder_split(root, "train"), train_tf)
     val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes)
-    return DataBundle(_image_folder_info(size, train.classes), train, val, None, _NOT_SMALL.format(name=IMAGE_FOLDER))
+    return DataBundle(_image_folder_info(size, train.classes), train, val, None, _NOT_SMALL.format(name=IMAGE_FOLDER),
+                      device_finish=finish)  # fmt: skip
 
 
 def _image_folder_split(root: Path, split: str) -> Path:
@@ -576,7 +645,7 @@ def _class_folders(directory: Path) -> list[str]:
 
 
 def _load_image_folder(
-    directory: Path, transform: Any, *, expected_classes: list[str] | None = None
+    directory: Path, transform: Any, *, expected_classes: list[str] | None = None, loader: Any = None
 ) -> ImageFolder:
     classes = _class_folders(directory)
     if expected_classes is not None and classes != list(expected_classes):
@@ -587,7 +656,9 @@ def _load_image_folder(
             f"missing: {missing}): use the same class folders in every split"
         )
     try:
-        return ImageFolder(directory, transform=transform)
+        if loader is None:
+            return ImageFolder(directory, transform=transform)
+        return ImageFolder(directory, transform=transform, loader=loader)
     except FileNotFoundError as err:  # a class folder without images
         raise UserError(f"ImageFolder: no images in {directory}: {error_line(err)}") from err
 

@@ -14,13 +14,14 @@ s, rank), so a resumed run also draws exactly the augmentation it would have dra
 """
 
 import copy
+import math
 
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import transforms
 
-from gtrain.data.datasets import BatchAugmentation, DataBundle
+from gtrain.data.datasets import BatchAugmentation, DataBundle, DeviceFinish
 from gtrain.distributed import World
 from gtrain.errors import UserError
 
@@ -100,6 +101,54 @@ def make_eval_loader(
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
     )
+
+
+class DeviceBatches:
+    """The batches of a DataLoader whose workers send uint8 images: each batch is copied to
+    the device (pinned and non-blocking on CUDA, so the copy overlaps the step before it),
+    made float and normalised there, and erased per image where the recipe asks."""
+
+    def __init__(self, loader: DataLoader, finish: DeviceFinish, device: torch.device):
+        self.loader, self.finish, self.device = loader, finish, device
+        view = (1, len(finish.mean), 1, 1)
+        self.scale = (1 / (255 * torch.tensor(finish.std))).view(view).to(device)
+        self.shift = (-torch.tensor(finish.mean) / torch.tensor(finish.std)).view(view).to(device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True).float() * self.scale + self.shift
+            if self.finish.random_erasing > 0:
+                erase_rectangles(images, self.finish.random_erasing, noise=self.finish.random_erasing_fill == "noise")
+            yield images, labels.to(self.device, non_blocking=True)
+
+
+def erase_rectangles(images: torch.Tensor, p: float, *, noise: bool) -> None:
+    """torchvision's RandomErasing (probability p, area 0.02-0.33 of the image, aspect
+    0.3-3.3, up to 10 tries) on each image of a normalised batch, in place, drawn from
+    torch's global generator: the rectangle holds 0, the mean colour, or with `noise`
+    normal noise."""
+    n, channels, height, width = images.shape
+    area = height * width
+    log_ratio = (math.log(0.3), math.log(3.3))
+    for index in range(n):
+        if torch.rand(1).item() >= p:
+            continue
+        for _ in range(10):  # torchvision's tries before it leaves the image as it is
+            erase_area = area * torch.empty(1).uniform_(0.02, 0.33).item()
+            aspect = math.exp(torch.empty(1).uniform_(*log_ratio).item())
+            h, w = int(round(math.sqrt(erase_area * aspect))), int(round(math.sqrt(erase_area / aspect)))
+            if h < height and w < width:
+                top = int(torch.randint(0, height - h + 1, (1,)).item())
+                left = int(torch.randint(0, width - w + 1, (1,)).item())
+                patch = images[index, :, top : top + h, left : left + w]
+                if noise:
+                    patch.normal_()
+                else:
+                    patch.zero_()
+                break
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,6 +249,8 @@ def build_loaders(data: DataBundle, *, in_memory: str, global_batch: int, seed: 
         train_loader, sampler = make_train_loader(
             data.train, global_batch=global_batch, seed=seed, workers=workers, pin_memory=pin_memory, **shard
         )
+        if data.device_finish is not None:  # uint8 batches, finished on the device
+            train_loader = DeviceBatches(train_loader, data.device_finish, device)
         val_loader = make_eval_loader(data.val, batch_size=batch_size, workers=workers, pin_memory=pin_memory, **shard)
         return train_loader, sampler, val_loader
     if data.augmentation is None:

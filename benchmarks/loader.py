@@ -1,0 +1,117 @@
+"""The training loader alone, on a folder of JPEGs: gtrain's uint8 path against its
+float path (PIL decode, float32 normalised in the worker, as gtrain did before) and
+against timm's `create_loader`, in one run on one machine.
+
+The script writes its own ImageFolder of photograph-like 500x375 JPEGs (smooth colour
+fields, edges and noise; no download), then iterates each loader through whole epochs:
+RandomResizedCrop to 224 px and horizontal flip, batch 32, `--workers` 0 and 2, until the
+batch is on the device (the CPU here) as normalised float32. A row is the best epoch of
+`--epochs` (the first includes starting the workers).
+
+    uint8       gtrain: torchvision.io decode, transforms.v2 on uint8, uint8 batches,
+                float and normalised on the device (gtrain.data.loaders.DeviceBatches)
+    float       gtrain's previous path: PIL decode and transforms, float32 batches
+    timm        timm.data.create_loader(is_training=True, use_prefetcher=False,
+                color_jitter=None): PIL decode and transforms, float32 batches
+
+    python benchmarks/loader.py [--images 512] [--epochs 2] [--json]
+"""
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from gtrain.data.datasets import IMAGE_FOLDER_SPEC, build_data, train_transform
+from gtrain.data.loaders import DeviceBatches
+
+SIZE, BATCH = 224, 32
+
+
+def write_jpegs(root: Path, count: int, classes: int = 8) -> None:
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:375, 0:500] / 375
+    for index in range(count):
+        folder = root / "train" / f"class{index % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        field = sum(rng.uniform(0, 255, 3) * np.sin(rng.uniform(1, 8) * (x * np.cos(a) + y * np.sin(a)) + rng.uniform(0, 6))[..., None]
+                    for a in rng.uniform(0, np.pi, 3)) / 3 + 128  # fmt: skip
+        image = np.clip(field + rng.normal(0, 8, field.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(folder / f"{index:05d}.jpg", quality=90)
+    shutil.copytree(root / "train", root / "val")
+
+
+def best_epoch(batches, epochs: int) -> float:
+    """Images per second of the fastest whole pass over `batches`."""
+    best = 0.0
+    for _ in range(epochs):
+        start, images = time.perf_counter(), 0
+        for inputs, _ in batches:
+            images += len(inputs)
+        best = max(best, images / (time.perf_counter() - start))
+    return best
+
+
+def loader(dataset, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True,
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None)  # fmt: skip
+
+
+def gtrain_uint8(root: Path, workers: int):
+    data = build_data("ImageFolder", root=root, download=False, image_size=SIZE)
+    assert data.device_finish is not None
+    return DeviceBatches(loader(data.train, workers), data.device_finish, torch.device("cpu"))
+
+
+def gtrain_float(root: Path, workers: int):
+    return loader(ImageFolder(root / "train", transform=train_transform(IMAGE_FOLDER_SPEC, SIZE)), workers)
+
+
+def timm_loader(root: Path, workers: int):
+    from timm.data import create_dataset, create_loader
+
+    dataset = create_dataset("", root=str(root / "train"), split="train", is_training=True)
+    return create_loader(dataset, input_size=(3, SIZE, SIZE), batch_size=BATCH, is_training=True,
+                         use_prefetcher=False, no_aug=False, color_jitter=None, num_workers=workers,
+                         persistent_workers=workers > 0)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="gtrain-loader-"))
+    try:
+        write_jpegs(work, args.images)
+        results = {}
+        for name, build in (("uint8", gtrain_uint8), ("float", gtrain_float), ("timm", timm_loader)):
+            for workers in (0, 2):
+                try:
+                    results[f"{name} workers={workers}"] = best_epoch(build(work, workers), args.epochs)
+                except ImportError as error:
+                    results[f"{name} workers={workers}"] = f"skipped: {error}"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results))
+        return
+    for name, value in results.items():
+        print(f"{name:18s} {value:8.0f} img/s" if isinstance(value, float) else f"{name:18s} {value}")
+    for workers in (0, 2):
+        new, old, timm = (results[f"{n} workers={workers}"] for n in ("uint8", "float", "timm"))
+        if all(isinstance(v, float) for v in (new, old, timm)):
+            print(f"workers={workers}: uint8 / float {new / old:.2f}x, uint8 / timm {new / timm:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
