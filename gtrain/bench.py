@@ -212,7 +212,7 @@ def run_data_bench(
     else:
         kind = "uint8 batches, finished on the device" if isinstance(loader, DeviceBatches) else "float32 batches"
         path = f"DataLoader, {recipe.data.workers} workers, {kind}"
-    images, epoch, timed, start = 0, 0, -warmup, 0.0
+    images, epoch, timed, start = 0, 0, -warmup, time.perf_counter()
     while timed < batches:
         sampler.set_epoch(epoch)
         for inputs, _ in loader:

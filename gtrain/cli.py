@@ -314,6 +314,10 @@ def tune(
             highlight=False, markup=False, soft_wrap=True,
         )  # fmt: skip
         raise typer.Exit(stop.exit_code) from None
+    except KeyboardInterrupt:  # between trials, or a second Ctrl-C
+        error_console.print(f"stopped at once; the study in {printable(out)} keeps its finished trials: the same "
+                            "command continues it", markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+        raise typer.Exit(130) from None
     if as_json:
         sys.stdout.write(json.dumps(result.to_json()) + "\n")
         return

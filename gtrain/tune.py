@@ -201,7 +201,8 @@ class TuneSettings:
 def open_study(out: Path, base: Recipe, space: list[Dimension], settings: TuneSettings):
     optuna = import_optuna()
     if settings.pruner == "median":
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials, n_warmup_steps=settings.min_epochs - 1)
+        # Epochs are reported as steps 1, 2, ...; Optuna judges a step once it is not below n_warmup_steps.
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials, n_warmup_steps=settings.min_epochs)
     elif settings.pruner == "halving":
         pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=settings.min_epochs, reduction_factor=3)
     else:
@@ -319,23 +320,47 @@ def tune(
     for _ in range(settings.trials):
         trial = study.ask()
         ran_here.append(trial.number)
+        fail = optuna.trial.TrialState.FAIL
         try:
             record = run_trial(trial, base, recipe_name, space, out, settings.device)
         except (Interrupted, KeyboardInterrupt) as stop:
-            trial.set_user_attr("interrupted", True)
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if trial.number not in {t.number for t in study.trials if t.state.is_finished()}:
+                trial.set_user_attr("interrupted", True)
+            study.tell(trial, state=fail, skip_if_finished=True)
             finished = sum(t.state.is_finished() for t in study.trials) - 1
-            run_dir = Path(trial.user_attrs.get("run_dir", out))
+            run_dir = trial_folder(out, trial.user_attrs.get("run_dir", ""))
             raise TuneInterrupted(trial.number, run_dir, getattr(stop, "exit_code", 130), finished) from None
         except BaseException:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # never left "running" in a shared study
+            study.tell(trial, state=fail, skip_if_finished=True)  # never left "running" in a shared study
             raise
+        finally:
+            forget_compiled_graphs()
         on_trial(record)
         if record.state == "complete":
             best = study.best_trial
             if best.number == trial.number:
                 write_best_recipe(out, base, best.params, trial_record(best, out), len(study.trials))
     return summarize_study(study, out, base, ran_here)
+
+
+def trial_folder(out: Path, recorded: str) -> Path:
+    """A trial's run folder: recorded relative to DIR, so that every process and machine
+    sharing the study finds it under its own --out."""
+    return out / recorded if recorded else out
+
+
+def forget_compiled_graphs() -> None:
+    """What one trial compiled or cached on the GPU would pile up over many: Dynamo's
+    graphs (it falls back to eager after a few recompilations) and the allocator's cache."""
+    import gc
+
+    import torch
+
+    if hasattr(torch, "_dynamo"):
+        torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def retry_interrupted(study) -> None:
@@ -349,16 +374,19 @@ def retry_interrupted(study) -> None:
 def run_trial(trial, base: Recipe, recipe_name: str, space: list[Dimension], out: Path, device: str | None) -> TrialRecord:
     """Train one trial as a gtrain run; tell the study how it ended."""
     import optuna
+    import torch
     from rich.console import Console
 
     from gtrain.progress import Reporter
-    from gtrain.run_folder import RunFolder
+    from gtrain.run_folder import RunFolder, RunStatus
     from gtrain.runs import read_metrics
-    from gtrain.train import DivergedError, FitPlan, fit
+    from gtrain.distributed import World
+    from gtrain.train import DivergedError, FitPlan, check_batch_split, fit
 
     params = {dimension.key: dimension.suggest(trial) for dimension in space}
-    run_dir = Path(trial.user_attrs.get("run_dir") or out / "trials" / f"{trial.number:04d}")
-    trial.set_user_attr("run_dir", str(run_dir))
+    recorded = trial.user_attrs.get("run_dir") or f"trials/{trial.number:04d}"
+    trial.set_user_attr("run_dir", recorded)
+    run_dir = trial_folder(out, recorded)
     start = time.perf_counter()
 
     def finish(state: str, value: float | None, epochs: int, note: str = "") -> TrialRecord:
@@ -371,6 +399,7 @@ def run_trial(trial, base: Recipe, recipe_name: str, space: list[Dimension], out
 
     try:
         recipe = validate_recipe(with_values(base.to_dict(), params), source=f"trial {trial.number}")
+        check_batch_split(recipe, World())
     except UserError as error:  # each value is valid, but not this combination of them
         return finish("failed", None, 0, str(error))
 
@@ -395,6 +424,14 @@ def run_trial(trial, base: Recipe, recipe_name: str, space: list[Dimension], out
         result = fit(plan, reporter=Reporter(Console(quiet=True), quiet=True), device=device, epoch_end=epoch_end)
     except DivergedError as error:
         return finish("failed", None, reported["epochs"], str(error).partition(";")[0])
+    except torch.OutOfMemoryError:  # these settings do not fit the device; the next may
+        forget_compiled_graphs()
+        return finish("failed", None, reported["epochs"], "out of device memory")
+    if result.get("already_finished"):  # interrupted after its run had ended
+        status = RunStatus.read(RunFolder(run_dir))
+        if status.get("stopped"):
+            return finish("pruned", None, status.get("epochs_done", 0), status["stopped"])
+        return finish("complete", status.get("best_top1"), status.get("epochs_done", 0))
     if result["stopped_by"]:
         return finish("pruned", reported["top1"], result["epochs"], f"pruned at epoch {result['epochs']}")
     return finish("complete", result["best_top1"], result["epochs"])
@@ -408,8 +445,9 @@ def trial_record(trial, out: Path) -> TrialRecord:
         state = "failed"
     value = trial.value if trial.value is not None else trial.intermediate_values.get(trial.last_step) if trial.last_step is not None else None
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete and trial.datetime_start else None
+    recorded = trial.user_attrs.get("run_dir")
     return TrialRecord(trial.number, state, value, dict(trial.params), trial.user_attrs.get("epochs", trial.last_step or 0),
-                       seconds, trial.user_attrs.get("run_dir"), trial.user_attrs.get("note", ""))  # fmt: skip
+                       seconds, str(trial_folder(out, recorded)) if recorded else None, trial.user_attrs.get("note", ""))  # fmt: skip
 
 
 def write_best_recipe(out: Path, base: Recipe, params: dict[str, Any], best: TrialRecord, trial_count: int) -> Path:

@@ -57,7 +57,7 @@ def test_two_processes_share_one_study(tmp_path, space):
     trials = study_trials(out)
     assert sorted(t.number for t in trials) == sorted(ran[0] | ran[1]) == [0, 1, 2, 3]  # the count adds up
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    folders = {t.user_attrs["run_dir"] for t in trials}
+    folders = {str(out / t.user_attrs["run_dir"]) for t in trials}  # recorded relative to DIR
     assert folders == {str(out / "trials" / f"{n:04d}") for n in range(4)}
     for folder in folders:
         assert json.loads((Path(folder) / "run.json").read_text())["status"] == "finished"
@@ -138,3 +138,13 @@ def test_a_study_is_continued_only_with_its_own_recipe_and_space(tmp_path, space
     assert result.exit_code == 2 and "searched another recipe or space" in result.output, result.output
     assert "recipe optim.momentum" in result.output
     assert study_trials(out) == []
+
+
+def test_a_trial_whose_settings_do_not_fit_together_fails_alone(tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text('"data.batch_size" = [48]\n')  # valid alone; not in groups of 32
+    result = invoke("tune", "quickstart", "--set", "train.bn_group_size=32", "--space", space, "--out", tmp_path / "study",
+                    "--trials", 1, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (trial,) = json.loads(result.output.splitlines()[-1])["trials"]
+    assert trial["state"] == "failed" and "train.bn_group_size = 32 must divide the 48 images" in trial["note"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import torch
 import torchvision
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
@@ -374,7 +375,10 @@ def read_image_file(path: str):
     from torchvision.transforms.functional import pil_to_tensor
 
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        if image.dtype != torch.uint8:  # a 16-bit PNG
+            image = (image.float() * (255 / 65535)).round().to(torch.uint8)
+        return image
     except RuntimeError:
         pass  # not a format torchvision.io decodes, or a damaged file: PIL tells which
     with Image.open(path) as image:  # a damaged file raises OSError naming the path
@@ -385,7 +389,7 @@ def uses_uint8_batches(spec: DatasetSpec, augment: bool, auto_augment: AutoAugme
     """Training batches go through the DataLoader as uint8 for cropped data ("imagenet"
     style); timm's RandAugment works on PIL images and keeps the float path, as do the
     small "cifar" style images, for which PIL's per-image transforms cost little."""
-    return augment and spec.style != "cifar" and not auto_augment.startswith("rand-")
+    return augment and spec.style != "cifar" and auto_augment in ("none", "randaugment", "trivialaugment")
 
 
 def eval_transform(
@@ -464,7 +468,8 @@ def build_data(
         train_tf = uint8_train_transform(spec, size, auto_augment=auto_augment, interpolation=interpolation)
         finish = DeviceFinish(spec.stats.mean, spec.stats.std, random_erasing, random_erasing_fill)
     else:
-        train_tf = train_transform(spec, size, interpolation=interpolation, **per_image) if augment else evaluate
+        # Unaugmented, training images keep the training size, whatever the evaluation's.
+        train_tf = train_transform(spec, size, interpolation=interpolation, **per_image) if augment else eval_transform(spec, size, interpolation)
     train = _load(name, spec.splits["train"], root=root, download=download, transform=train_tf)
     val = _load(name, spec.splits[val_split], root=root, download=download, transform=evaluate)
     info = _table_info(name, spec, size, train)
@@ -612,7 +617,7 @@ def _build_image_folder(
         finish = DeviceFinish(spec.stats.mean, spec.stats.std, per_image["random_erasing"], per_image["random_erasing_fill"])
         train = _load_image_folder(_image_folder_split(root, "train"), train_tf, loader=read_image_file)
     else:
-        train_tf = train_transform(spec, size, interpolation=interpolation, **per_image) if augment else evaluate
+        train_tf = train_transform(spec, size, interpolation=interpolation, **per_image) if augment else eval_transform(spec, size, interpolation)
         finish, train = None, _load_image_folder(_image_folder_split(root, "train"), train_tf)
     val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes)
     return DataBundle(_image_folder_info(size, train.classes), train, val, None, _NOT_SMALL.format(name=IMAGE_FOLDER),
