@@ -21,9 +21,8 @@ def param_groups(model: nn.Module, weight_decay: float, *, norms_and_biases: boo
         if not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 and not norms_and_biases else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Always two groups, so that a checkpoint's optimizer state fits whichever way it was written.
-    return groups
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimizer:

@@ -339,7 +339,7 @@ def tune(
         if record.state == "complete":
             best = study.best_trial
             if best.number == trial.number:
-                write_best_recipe(out, base, best.params, trial_record(best, out), len(study.trials))
+                write_best_recipe(out, base, trial_record(best, out), len(study.trials))
     return summarize_study(study, out, base, ran_here)
 
 
@@ -443,15 +443,18 @@ def trial_record(trial, out: Path) -> TrialRecord:
         state = "interrupted"
     elif state == "fail":
         state = "failed"
-    value = trial.value if trial.value is not None else trial.intermediate_values.get(trial.last_step) if trial.last_step is not None else None
+    value = trial.value  # a pruned or interrupted trial's: its last report
+    if value is None and trial.last_step is not None:
+        value = trial.intermediate_values.get(trial.last_step)
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete and trial.datetime_start else None
     recorded = trial.user_attrs.get("run_dir")
     return TrialRecord(trial.number, state, value, dict(trial.params), trial.user_attrs.get("epochs", trial.last_step or 0),
                        seconds, str(trial_folder(out, recorded)) if recorded else None, trial.user_attrs.get("note", ""))  # fmt: skip
 
 
-def write_best_recipe(out: Path, base: Recipe, params: dict[str, Any], best: TrialRecord, trial_count: int) -> Path:
+def write_best_recipe(out: Path, base: Recipe, best: TrialRecord, trial_count: int) -> Path:
     """DIR/best.toml: the base recipe with the best trial's values, complete, to train as-is."""
+    params = best.params
     description = f"gtrain tune's best of {trial_count} trials: {best.value:.2%} validation top-1"
     recipe = validate_recipe(with_values(base.to_dict(), {**params, "description": description}), source="best trial")
     settings = ", ".join(f"{key} = {value!r}" for key, value in params.items())
@@ -471,6 +474,6 @@ def summarize_study(study, out: Path, base: Recipe, ran_here: list[int]) -> Tune
     best = max(complete, key=lambda r: (r.value, -r.number)) if complete else None
     best_recipe = None
     if best is not None:  # rewritten from the whole study: another process may have found the best
-        best_recipe = write_best_recipe(out, base, best.params, best, len(records))
+        best_recipe = write_best_recipe(out, base, best, len(records))
     return TuneResult(study.study_name, records, ran_here, best, best_recipe)
 

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder, VisionDataset
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import default_loader, find_classes
 
 from gtrain.errors import UserError, did_you_mean, error_line
 
@@ -297,20 +297,29 @@ def train_transform(
         ]
     else:
         steps = [transforms.RandomResizedCrop(image_size, interpolation=resample)]
-    if spec.flip:
-        steps.append(transforms.RandomHorizontalFlip())
-    # The policies' rotations and shears resample with the crop's interpolation, as
-    # torchvision's reference train.py has them (their default is nearest).
-    if auto_augment == "randaugment":
-        steps.append(transforms.RandAugment(interpolation=resample))
-    elif auto_augment == "trivialaugment":
-        steps.append(transforms.TrivialAugmentWide(interpolation=resample))
-    elif auto_augment.startswith("rand"):
+    steps += _flip_and_policy(transforms, spec, auto_augment, resample)
+    if auto_augment not in TORCHVISION_POLICIES:
         steps.append(timm_rand_augment(auto_augment, image_size, spec.stats.mean, interpolation))
     steps += _to_normalized_tensor(spec)
     if random_erasing > 0:
         steps.append(transforms.RandomErasing(p=random_erasing, value="random" if random_erasing_fill == "noise" else 0))
     return transforms.Compose(steps)
+
+
+TORCHVISION_POLICIES = ("none", "randaugment", "trivialaugment")  # the others are timm's "rand-..." strings
+
+
+def _flip_and_policy(ops: Any, spec: DatasetSpec, auto_augment: AutoAugment, resample) -> list[Any]:
+    """The flip and torchvision's policy after the crop, from `ops`: transforms for PIL
+    images, transforms.v2 for uint8 tensors (the same classes and draws). The policies'
+    rotations and shears resample with the crop's interpolation, as torchvision's reference
+    train.py has them (their default is nearest)."""
+    steps = [ops.RandomHorizontalFlip()] if spec.flip else []
+    if auto_augment == "randaugment":
+        steps.append(ops.RandAugment(interpolation=resample))
+    elif auto_augment == "trivialaugment":
+        steps.append(ops.TrivialAugmentWide(interpolation=resample))
+    return steps
 
 
 def timm_rand_augment(config: str, image_size: int, mean: tuple[float, ...], interpolation: Interpolation):
@@ -359,13 +368,7 @@ def uint8_train_transform(
 
     resample = transforms.InterpolationMode(interpolation)
     steps = [v2.PILToTensor(), v2.RandomResizedCrop(image_size, interpolation=resample, antialias=True)]
-    if spec.flip:
-        steps.append(v2.RandomHorizontalFlip())
-    if auto_augment == "randaugment":
-        steps.append(v2.RandAugment(interpolation=resample))
-    elif auto_augment == "trivialaugment":
-        steps.append(v2.TrivialAugmentWide(interpolation=resample))
-    return v2.Compose(steps)
+    return v2.Compose(steps + _flip_and_policy(v2, spec, auto_augment, resample))
 
 
 def read_image_file(path: str):
@@ -385,11 +388,26 @@ def read_image_file(path: str):
         return pil_to_tensor(image.convert("RGB"))
 
 
+def training_pipeline(
+    spec: DatasetSpec, size: int, *, augment: bool, interpolation: Interpolation, auto_augment: AutoAugment,
+    random_erasing: float, random_erasing_fill: ErasingFill,
+) -> tuple[Any, "DeviceFinish | None"]:  # fmt: skip
+    """The training transform, and what the device finishes when it yields uint8 (else None).
+    Unaugmented, training images keep the training size, whatever the evaluation's."""
+    if uses_uint8_batches(spec, augment, auto_augment):
+        transform = uint8_train_transform(spec, size, auto_augment=auto_augment, interpolation=interpolation)
+        return transform, DeviceFinish(spec.stats.mean, spec.stats.std, random_erasing, random_erasing_fill)
+    if not augment:
+        return eval_transform(spec, size, interpolation), None
+    per_image = dict(auto_augment=auto_augment, random_erasing=random_erasing, random_erasing_fill=random_erasing_fill)
+    return train_transform(spec, size, interpolation=interpolation, **per_image), None
+
+
 def uses_uint8_batches(spec: DatasetSpec, augment: bool, auto_augment: AutoAugment) -> bool:
     """Training batches go through the DataLoader as uint8 for cropped data ("imagenet"
     style); timm's RandAugment works on PIL images and keeps the float path, as do the
     small "cifar" style images, for which PIL's per-image transforms cost little."""
-    return augment and spec.style != "cifar" and auto_augment in ("none", "randaugment", "trivialaugment")
+    return augment and spec.style != "cifar" and auto_augment in TORCHVISION_POLICIES
 
 
 def eval_transform(
@@ -463,13 +481,7 @@ def build_data(
             f"(ImageFolder, photo datasets); {name} is evaluated whole at data.image_size: leave them unset"
         )
     evaluate = eval_transform(spec, eval_image_size or size, interpolation, eval_resize_size)
-    finish = None
-    if uses_uint8_batches(spec, augment, auto_augment):
-        train_tf = uint8_train_transform(spec, size, auto_augment=auto_augment, interpolation=interpolation)
-        finish = DeviceFinish(spec.stats.mean, spec.stats.std, random_erasing, random_erasing_fill)
-    else:
-        # Unaugmented, training images keep the training size, whatever the evaluation's.
-        train_tf = train_transform(spec, size, interpolation=interpolation, **per_image) if augment else eval_transform(spec, size, interpolation)
+    train_tf, finish = training_pipeline(spec, size, augment=augment, interpolation=interpolation, **per_image)
     train = _load(name, spec.splits["train"], root=root, download=download, transform=train_tf)
     val = _load(name, spec.splits[val_split], root=root, download=download, transform=evaluate)
     info = _table_info(name, spec, size, train)
@@ -611,14 +623,10 @@ def _build_image_folder(
 ) -> DataBundle:  # fmt: skip
     size = _image_size(image_size, IMAGE_FOLDER_SPEC)
     evaluate = eval_transform(IMAGE_FOLDER_SPEC, eval_image_size or size, interpolation, eval_resize_size)
-    spec = IMAGE_FOLDER_SPEC
-    if uses_uint8_batches(spec, augment, per_image["auto_augment"]):
-        train_tf = uint8_train_transform(spec, size, auto_augment=per_image["auto_augment"], interpolation=interpolation)
-        finish = DeviceFinish(spec.stats.mean, spec.stats.std, per_image["random_erasing"], per_image["random_erasing_fill"])
-        train = _load_image_folder(_image_folder_split(root, "train"), train_tf, loader=read_image_file)
-    else:
-        train_tf = train_transform(spec, size, interpolation=interpolation, **per_image) if augment else eval_transform(spec, size, interpolation)
-        finish, train = None, _load_image_folder(_image_folder_split(root, "train"), train_tf)
+    train_tf, finish = training_pipeline(IMAGE_FOLDER_SPEC, size, augment=augment, interpolation=interpolation, **per_image)
+    # uint8 batches: files decoded by torchvision.io straight into tensors
+    loader = read_image_file if finish is not None else None
+    train = _load_image_folder(_image_folder_split(root, "train"), train_tf, loader=loader)
     val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes)
     return DataBundle(_image_folder_info(size, train.classes), train, val, None, _NOT_SMALL.format(name=IMAGE_FOLDER),
                       device_finish=finish)  # fmt: skip
@@ -661,9 +669,7 @@ def _load_image_folder(
             f"missing: {missing}): use the same class folders in every split"
         )
     try:
-        if loader is None:
-            return ImageFolder(directory, transform=transform)
-        return ImageFolder(directory, transform=transform, loader=loader)
+        return ImageFolder(directory, transform=transform, loader=loader or default_loader)
     except FileNotFoundError as err:  # a class folder without images
         raise UserError(f"ImageFolder: no images in {directory}: {error_line(err)}") from err
 

@@ -103,6 +103,12 @@ def make_eval_loader(
     )
 
 
+def uint8_normalization(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of shape (1, C, 1, 1): uint8 images * scale + shift = (x / 255 - mean) / std."""
+    std, mean = torch.tensor(std, device=device), torch.tensor(mean, device=device)
+    return (1 / (255 * std)).view(1, -1, 1, 1), (-mean / std).view(1, -1, 1, 1)
+
+
 class DeviceBatches:
     """The batches of a DataLoader whose workers send uint8 images: each batch is copied to
     the device (pinned and non-blocking on CUDA, so the copy overlaps the step before it),
@@ -110,9 +116,7 @@ class DeviceBatches:
 
     def __init__(self, loader: DataLoader, finish: DeviceFinish, device: torch.device):
         self.loader, self.finish, self.device = loader, finish, device
-        view = (1, len(finish.mean), 1, 1)
-        self.scale = (1 / (255 * torch.tensor(finish.std))).view(view).to(device)
-        self.shift = (-torch.tensor(finish.mean) / torch.tensor(finish.std)).view(view).to(device)
+        self.scale, self.shift = uint8_normalization(finish.mean, finish.std, device)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -194,8 +198,7 @@ class InMemoryLoader:
         self.seed = seed
         device = images.device
         # Normalize in one multiply-add: (x / 255 - mean) / std.
-        self.scale = (1 / (255 * torch.tensor(std, device=device))).view(1, -1, 1, 1)
-        self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, -1, 1, 1)
+        self.scale, self.shift = uint8_normalization(mean, std, device)
 
     def __len__(self) -> int:
         if self.sampler is not None:
