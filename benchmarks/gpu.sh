@@ -128,8 +128,8 @@ fit "resnext50_fakedata_$SIZE_LARGE" 240 quickstart --set data.dataset=FakeData 
 
 # The ImageFolder path: photograph-like 500x375 JPEGs drawn by benchmarks/loader.py,
 # decoded with torchvision.io in 8 workers, uint8 batches finished on the GPU; then
-# `gtrain bench --data` on the same recipe: the loader alone against the model's step.
-# (JPEG decoding on the GPU is not an option of gtrain yet: CPU decoding only.)
+# `gtrain bench --data` on the same recipe: the loader alone against the model's step;
+# then both again with data.decode=device (nvJPEG: the workers only read the files).
 jpegs="$OUT_DIR/jpegs"
 if [[ ! -d $jpegs/train ]]; then
   "$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks"); from pathlib import Path; import loader; loader.write_jpegs(Path(sys.argv[1]), int(sys.argv[2]))' \
@@ -138,12 +138,28 @@ fi
 jpeg_recipe=(quickstart --set data.dataset=ImageFolder --set data.root="$jpegs" --set model.name=resnext50_32x4d
   --set data.image_size="$SIZE_LARGE" --set data.batch_size="$FIT_BATCH" --set data.workers=8)
 fit "resnext50_jpegs_$SIZE_LARGE" 240 "${jpeg_recipe[@]}" --set train.epochs="$FIT_EPOCHS" --set optim.warmup_epochs=0
-if ((BUDGET_S - SECONDS > 60)); then
-  echo "== bench --data resnext50 jpegs (${SECONDS}s used)" | tee -a "$log"
-  timeout --kill-after=10 120 "$PYTHON" -m gtrain bench --data "${jpeg_recipe[@]}" --device "$DEVICE" --batches 100 \
-    --steps "$STEPS" --json 2>>"$log" | tail -n 1 | tee "$OUT_DIR/gpu_bench_data.jsonl" || failed+=("bench --data jpegs")
+: >"$OUT_DIR/gpu_bench_data.jsonl"
+for decode in cpu device; do
+  if ((BUDGET_S - SECONDS > 60)); then
+    echo "== bench --data resnext50 jpegs decode=$decode (${SECONDS}s used)" | tee -a "$log"
+    timeout --kill-after=10 120 "$PYTHON" -m gtrain bench --data "${jpeg_recipe[@]}" --set data.decode="$decode" \
+      --device "$DEVICE" --batches 100 --steps "$STEPS" --json 2>>"$log" | tail -n 1 | tee -a "$OUT_DIR/gpu_bench_data.jsonl" \
+      || failed+=("bench --data jpegs decode=$decode")
+  else
+    skipped+=("bench --data jpegs decode=$decode")
+  fi
+done
+fit "resnext50_jpegs_gpu_decode_$SIZE_LARGE" 240 "${jpeg_recipe[@]}" --set data.decode=device --set train.epochs="$FIT_EPOCHS" \
+  --set optim.warmup_epochs=0
+
+# The loader alone on the same kind of JPEGs: CPU decode (uint8 batches, finished on the GPU)
+# against nvJPEG decode on the GPU, the float path and timm's (if installed), 0 and 8 workers.
+if ((BUDGET_S - SECONDS > 90)); then
+  echo "== benchmarks/loader.py on $DEVICE (${SECONDS}s used)" | tee -a "$log"
+  timeout --kill-after=10 150 "$PYTHON" benchmarks/loader.py --device "$DEVICE" --workers 0 8 --images 1024 --json \
+    2>>"$log" | tail -n 1 | tee "$OUT_DIR/gpu_loader.json" || failed+=("benchmarks/loader.py")
 else
-  skipped+=("bench --data jpegs")
+  skipped+=("benchmarks/loader.py")
 fi
 
 # Compiled last: a compile takes a minute or more, and the budget may end first.

@@ -4,17 +4,21 @@ against timm's `create_loader`, in one run on one machine.
 
 The script writes its own ImageFolder of photograph-like 500x375 JPEGs (smooth colour
 fields, edges and noise; no download), then iterates each loader through whole epochs:
-RandomResizedCrop to 224 px and horizontal flip, batch 32, `--workers` 0 and 2, until the
-batch is on the device (the CPU here) as normalised float32. A row is the best epoch of
-`--epochs` (the first includes starting the workers).
+RandomResizedCrop to 224 px and horizontal flip, batch 32, `--workers` 0 and 2. A row is
+the best epoch of `--epochs` (the first includes starting the workers).
 
-    uint8       gtrain: torchvision.io decode, transforms.v2 on uint8, uint8 batches,
-                float and normalised on the device (gtrain.data.loaders.DeviceBatches)
-    float       gtrain's previous path: PIL decode and transforms, float32 batches
-    timm        timm.data.create_loader(is_training=True, use_prefetcher=False,
-                color_jitter=None): PIL decode and transforms, float32 batches
+    uint8 batches   gtrain: torchvision.io decode, transforms.v2 on uint8, uint8 batches
+                    as the workers deliver them (on a GPU host, the device's work starts here)
+    uint8 finished  the same, then float and normalised on `--device` (DeviceBatches); on
+                    a CPU device that runs in the training process, beside the workers
+    device decode   (CUDA only) data.decode = "device": the workers read the files, the
+                    GPU decodes (nvJPEG), crops, flips and normalises each batch
+    float           gtrain's previous path: PIL decode and transforms, float32 batches
+                    normalised in the workers
+    timm            timm.data.create_loader(is_training=True, use_prefetcher=False,
+                    color_jitter=None): PIL decode and transforms, float32 batches
 
-    python benchmarks/loader.py [--images 512] [--epochs 2] [--json]
+    python benchmarks/loader.py [--images 512] [--epochs 2] [--workers 0 2] [--device cpu] [--json]
 """
 
 import argparse
@@ -31,7 +35,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from gtrain.data.datasets import IMAGE_FOLDER_SPEC, build_data, train_transform
-from gtrain.data.loaders import DeviceBatches
+from gtrain.data.loaders import DeviceBatches, collate_encoded
 
 SIZE, BATCH = 224, 32
 
@@ -49,55 +53,76 @@ def write_jpegs(root: Path, count: int, classes: int = 8) -> None:
     shutil.copytree(root / "train", root / "val")
 
 
-def best_epoch(batches, epochs: int) -> float:
+def best_epoch(batches, epochs: int, device: torch.device) -> float:
     """Images per second of the fastest whole pass over `batches`."""
     best = 0.0
     for _ in range(epochs):
         start, images = time.perf_counter(), 0
         for inputs, _ in batches:
             images += len(inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         best = max(best, images / (time.perf_counter() - start))
     return best
 
 
-def loader(dataset, workers: int) -> DataLoader:
+def loader(dataset, workers: int, device: torch.device, collate_fn=None) -> DataLoader:
     return DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None)  # fmt: skip
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                      pin_memory=device.type == "cuda", collate_fn=collate_fn)  # fmt: skip
 
 
-def gtrain_uint8(root: Path, workers: int):
+def gtrain_uint8_batches(root: Path, workers: int, device: torch.device):
     data = build_data("ImageFolder", root=root, download=False, image_size=SIZE)
-    assert data.device_finish is not None
-    return DeviceBatches(loader(data.train, workers), data.device_finish, torch.device("cpu"))
+    return loader(data.train, workers, device)
 
 
-def gtrain_float(root: Path, workers: int):
-    return loader(ImageFolder(root / "train", transform=train_transform(IMAGE_FOLDER_SPEC, SIZE)), workers)
+def gtrain_uint8_finished(root: Path, workers: int, device: torch.device):
+    data = build_data("ImageFolder", root=root, download=False, image_size=SIZE)
+    return DeviceBatches(loader(data.train, workers, device), data.train_finish, device)
 
 
-def timm_loader(root: Path, workers: int):
+def gtrain_device_decode(root: Path, workers: int, device: torch.device):
+    if device.type != "cuda":
+        raise ImportError("a CUDA device decodes; on a CPU it would decode in the training process")
+    data = build_data("ImageFolder", root=root, download=False, image_size=SIZE, decode="device")
+    return DeviceBatches(loader(data.train, workers, device, collate_encoded), data.train_finish, device)
+
+
+def gtrain_float(root: Path, workers: int, device: torch.device):
+    return loader(ImageFolder(root / "train", transform=train_transform(IMAGE_FOLDER_SPEC, SIZE)), workers, device)
+
+
+def timm_loader(root: Path, workers: int, device: torch.device):
     from timm.data import create_dataset, create_loader
 
     dataset = create_dataset("", root=str(root / "train"), split="train", is_training=True)
     return create_loader(dataset, input_size=(3, SIZE, SIZE), batch_size=BATCH, is_training=True,
                          use_prefetcher=False, no_aug=False, color_jitter=None, num_workers=workers,
-                         persistent_workers=workers > 0)  # fmt: skip
+                         persistent_workers=workers > 0, pin_memory=device.type == "cuda")  # fmt: skip
+
+
+LOADERS = {"uint8 batches": gtrain_uint8_batches, "uint8 finished": gtrain_uint8_finished,
+           "device decode": gtrain_device_decode, "float": gtrain_float, "timm": timm_loader}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="gtrain-loader-"))
     try:
         write_jpegs(work, args.images)
         results = {}
-        for name, build in (("uint8", gtrain_uint8), ("float", gtrain_float), ("timm", timm_loader)):
-            for workers in (0, 2):
+        for name, build in LOADERS.items():
+            for workers in args.workers:
                 try:
-                    results[f"{name} workers={workers}"] = best_epoch(build(work, workers), args.epochs)
+                    results[f"{name} workers={workers}"] = best_epoch(build(work, workers, device), args.epochs, device)
                 except ImportError as error:
                     results[f"{name} workers={workers}"] = f"skipped: {error}"
     finally:
@@ -106,11 +131,13 @@ def main() -> None:
         print(json.dumps(results))
         return
     for name, value in results.items():
-        print(f"{name:18s} {value:8.0f} img/s" if isinstance(value, float) else f"{name:18s} {value}")
-    for workers in (0, 2):
-        new, old, timm = (results[f"{n} workers={workers}"] for n in ("uint8", "float", "timm"))
-        if all(isinstance(v, float) for v in (new, old, timm)):
-            print(f"workers={workers}: uint8 / float {new / old:.2f}x, uint8 / timm {new / timm:.2f}x")
+        print(f"{name:26s} {value:8.0f} img/s" if isinstance(value, float) else f"{name:26s} {value}")
+    for workers in args.workers:
+        old, timm = results[f"float workers={workers}"], results[f"timm workers={workers}"]
+        for name in ("uint8 batches", "uint8 finished", "device decode"):
+            new = results[f"{name} workers={workers}"]
+            if all(isinstance(v, float) for v in (new, old, timm)):
+                print(f"workers={workers}: {name} / float {new / old:.2f}x, / timm {new / timm:.2f}x")
 
 
 if __name__ == "__main__":

@@ -211,6 +211,8 @@ def run_data_bench(
         path = "on the device (uint8 held there, augmented in batches)"
     else:
         kind = "uint8 batches, finished on the device" if isinstance(loader, DeviceBatches) else "float32 batches"
+        if isinstance(loader, DeviceBatches) and loader.finish.decode_then is not None:
+            kind = "file bytes, JPEGs decoded and augmented on the device"
         path = f"DataLoader, {recipe.data.workers} workers, {kind}"
     images, epoch, timed, start = 0, 0, -warmup, time.perf_counter()
     while timed < batches:

@@ -202,7 +202,7 @@ def run_eval(
     recipe = recipe_of(weights, meta, overrides)
     data = recipe.data
 
-    info, dataset = build_eval_data(
+    info, dataset, finish = build_eval_data(
         data.dataset, root=Path(data.root), download=data.download, split=split, image_size=meta.image_size,
         class_names=meta.class_names, interpolation=meta.interpolation, resize_size=meta.resize_size,
     )  # fmt: skip
@@ -217,7 +217,8 @@ def run_eval(
     model.to(device_)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    loader = make_eval_loader(dataset, batch_size=batch_size, workers=data.workers, pin_memory=device_.type == "cuda")
+    loader = make_eval_loader(dataset, batch_size=batch_size, workers=data.workers, pin_memory=device_.type == "cuda",
+                              finish=finish, device=device_)  # fmt: skip
     result = evaluate(
         model, loader, num_classes=meta.num_classes, device=device_, precision=precision, channels_last=channels_last,
         tta=tta,

@@ -3,8 +3,10 @@
 A weights file gtrain wrote carries what it takes to classify a new image: the model,
 its class names, image size, channels, mean and std, and the dataset it was trained on,
 whose row of the dataset table gives the geometry of its evaluation transform. Images go
-through exactly what `gtrain eval` does to them (PIL decoding, the model's mode "L" or
-"RGB", resize and centre crop, normalisation), in batches from a DataLoader, and the model
+through exactly what `gtrain eval` does to them, in batches from a DataLoader: photos
+(ImageFolder and the "imagenet" style rows) are decoded by torchvision.io, resized and
+centre-cropped as uint8 and normalised on the device; small images (the "cifar" style
+rows) are read by PIL in the model's mode "L" or "RGB", resized and normalised. The model
 runs in the precision and memory format the run validated with.
 
     from gtrain import Classifier
@@ -47,14 +49,39 @@ class ConvertMode:
         return image if image.mode == self.mode else image.convert(self.mode)
 
 
-def image_transform(meta: WeightsMeta) -> transforms.Compose:
-    """`gtrain eval`'s transform for the weights' dataset, for any image."""
+def reads_uint8(meta: WeightsMeta) -> bool:
+    """Whether `gtrain eval` reads the weights' dataset as uint8 crops (photos) rather than
+    as normalised float images (the small "cifar" style rows)."""
+    from gtrain.data import DATASETS, IMAGE_FOLDER_SPEC
+
+    return DATASETS.get(meta.dataset, IMAGE_FOLDER_SPEC).style != "cifar"
+
+
+def image_transform(meta: WeightsMeta):
+    """`gtrain eval`'s transform for the weights' dataset, for any image: to a uint8 crop
+    (RGB, `reads_uint8`), or to a normalised float tensor in the model's mode."""
     from gtrain.data import DATASETS, IMAGE_FOLDER_SPEC, eval_transform
+    from gtrain.data.datasets import uint8_eval_transform
 
     spec = DATASETS.get(meta.dataset, IMAGE_FOLDER_SPEC)
+    if reads_uint8(meta):
+        return uint8_eval_transform(spec, meta.image_size, meta.interpolation, meta.resize_size)
     steps = list(eval_transform(spec, meta.image_size, meta.interpolation, meta.resize_size).transforms)
     steps[-1] = transforms.Normalize(meta.mean, meta.std)  # the weights' own statistics (the same numbers)
     return transforms.Compose([ConvertMode("L" if meta.in_chans == 1 else "RGB"), *steps])
+
+
+class ImageReader:
+    """An image file -> what `image_transform` makes of it, decoded as `gtrain eval` decodes
+    the weights' dataset. A class, so that DataLoader workers can be started by any method."""
+
+    def __init__(self, transform, uint8: bool):
+        self.transform, self.uint8 = transform, uint8
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        from gtrain.data.datasets import read_image_file
+
+        return self.transform(read_image_file(str(path)) if self.uint8 else read_image(path))
 
 
 class Classifier:
@@ -69,6 +96,8 @@ class Classifier:
         self.meta, self.device, self.precision, self.channels_last = meta, device, precision, channels_last
         self.weights = weights
         self.transform = image_transform(meta)
+        self.uint8 = reads_uint8(meta)
+        self.read_file = ImageReader(self.transform, self.uint8)
 
     @classmethod
     def load(
@@ -89,23 +118,36 @@ class Classifier:
 
     def preprocess(self, image: Any) -> torch.Tensor:
         """One image -> the normalised (C, H, W) float tensor the model reads."""
-        if isinstance(image, str | Path):
-            return self.transform(read_image(Path(image)))
-        if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
-            return self.transform(to_pil_image(image))
-        if isinstance(image, torch.Tensor):
+        if isinstance(image, torch.Tensor) and image.dtype != torch.uint8:
             return image
-        if isinstance(image, Image.Image):
-            return self.transform(image)
-        raise TypeError(f"cannot classify a {type(image).__name__}: give PIL images, paths or tensors")
+        if isinstance(image, str | Path):
+            image = self.read_file(Path(image))
+        elif isinstance(image, torch.Tensor) and not (self.uint8 and image.dim() == 3 and image.shape[0] == 3):
+            image = self.transform(to_pil_image(image))  # PIL converts it to the model's mode
+        elif isinstance(image, Image.Image) and self.uint8:
+            image = self.transform(image if image.mode == "RGB" else image.convert("RGB"))
+        elif isinstance(image, torch.Tensor | Image.Image):
+            image = self.transform(image)
+        else:
+            raise TypeError(f"cannot classify a {type(image).__name__}: give PIL images, paths or tensors")
+        return self.normalize(image[None])[0] if image.dtype == torch.uint8 else image
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 crops (N, 3, H, W) -> normalised float, as `gtrain eval` normalises them."""
+        from gtrain.data.loaders import normalize_uint8, uint8_normalization
+
+        return normalize_uint8(batch, *uint8_normalization(self.meta.mean, self.meta.std, batch.device))
 
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor, *, tta: str = "none") -> torch.Tensor:
-        """(N, C, H, W) preprocessed images -> (N, classes) float32 probabilities on the CPU."""
+        """(N, C, H, W) preprocessed images, or uint8 crops from `image_transform`, -> (N,
+        classes) float32 probabilities on the CPU."""
         from gtrain.evaluate import check_tta, class_scores
 
         check_tta(tta)
         batch = batch.to(self.device, non_blocking=True)
+        if batch.dtype == torch.uint8:
+            batch = self.normalize(batch)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         scores = class_scores(self.model, batch, tta=tta, device=self.device, precision=self.precision)
@@ -171,20 +213,21 @@ def find_images(inputs: Iterable[str]) -> list[Path]:
 
 
 class ImageFiles(Dataset):
-    """Image i of `paths`, preprocessed, or a zero image and the reason it could not be read:
-    one unreadable file must not stop the others."""
+    """Image i of `paths`, read by `read_file`, or a zero image and the reason it could not be
+    read: one unreadable file must not stop the others."""
 
-    def __init__(self, paths: list[Path], transform, shape: tuple[int, int, int]):
-        self.paths, self.transform, self.shape = paths, transform, shape
+    def __init__(self, paths: list[Path], read_file: ImageReader, shape: tuple[int, int, int]):
+        self.paths, self.read_file, self.shape = paths, read_file, shape
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         try:
-            return self.transform(read_image(self.paths[index])), ""
+            return self.read_file(self.paths[index]), ""
         except Exception as error:  # PIL raises many types for a bad file; each becomes its record's error
-            return torch.zeros(self.shape), error_line(error, with_type=True)
+            blank = torch.zeros(self.shape, dtype=torch.uint8 if self.read_file.uint8 else torch.float32)
+            return blank, error_line(error, with_type=True)
 
 
 @dataclass
@@ -210,7 +253,7 @@ def predictions(
 ) -> Iterator[dict[str, Any]]:
     """One record per path, in input order: {"path", "predictions"} or {"path", "error"}."""
     meta = classifier.meta
-    dataset = ImageFiles(paths, classifier.transform, (meta.in_chans, meta.image_size, meta.image_size))
+    dataset = ImageFiles(paths, classifier.read_file, (meta.in_chans, meta.image_size, meta.image_size))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=classifier.device.type == "cuda")  # fmt: skip
     index = 0

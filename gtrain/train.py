@@ -464,6 +464,7 @@ def load_data(recipe: Recipe, world: World):
             auto_augment=data_recipe.auto_augment, random_erasing=data_recipe.random_erasing,
             random_erasing_fill=data_recipe.random_erasing_fill, interpolation=data_recipe.interpolation,
             eval_image_size=data_recipe.eval_image_size, eval_resize_size=data_recipe.eval_resize_size,
+            decode=data_recipe.decode,
         )  # fmt: skip
     if len(data.train) < data_recipe.batch_size:
         raise UserError(

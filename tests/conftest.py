@@ -66,8 +66,10 @@ def write_image_folder(
     images_per_class: dict[str, int] | None = None,
     size: int = 32,
     seed: int = 0,
+    suffix: str = ".png",
 ) -> Path:
-    """Write root/<split>/<class>/<n>.png (RGB, `size` px) for an ImageFolder; return `root`.
+    """Write root/<split>/<class>/<n><suffix> (RGB, `size` px; .png or .jpg) for an ImageFolder;
+    return `root`.
 
     Each class has its own hue, with noise and a darker square at a random place, so the classes
     are easy to learn but no two images are alike. Splits default to 20 train and 8 val images
@@ -84,7 +86,7 @@ def write_image_folder(
                 pixels = colour + rng.normal(0, 20, (size, size, 3))
                 x, y = rng.integers(0, size // 2, size=2)
                 pixels[y : y + size // 2, x : x + size // 2] *= 0.5
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(folder / f"{n}.png")
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(folder / f"{n}{suffix}")
     return Path(root)
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from torchvision import transforms
+from torchvision.transforms import v2
 from safetensors import safe_open
 
 from tests.conftest import invoke
@@ -167,16 +168,20 @@ def test_bench_json_reports_throughput_flops_and_mfu():
     assert report["tflops"] > 0 and report["mfu"] is None  # no known peak for a CPU
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path, imagefolder_root, workers):
-    broken = next((imagefolder_root / "train").iterdir()) / "broken.png"
-    broken.write_bytes(b"\x89PNG not really")
+@pytest.mark.parametrize(
+    "workers, decode, name, content",
+    [(0, "cpu", "broken.png", b"\x89PNG not really"), (1, "cpu", "broken.png", b"\x89PNG not really"),
+     (1, "device", "broken.jpg", b"\xff\xd8\xff\xe0 not really")],
+)  # fmt: skip
+def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path, imagefolder_root, workers, decode, name, content):
+    broken = next((imagefolder_root / "train").iterdir()) / name
+    broken.write_bytes(content)
     result = invoke("fit", *TINY, "--set", "data.dataset=ImageFolder", "--set", f"data.root={imagefolder_root}",
                     "--set", f"data.workers={workers}", "--set", "data.batch_size=8", "--set", "train.epochs=1",
-                    "--out", tmp_path / "run")
+                    "--set", f"data.decode={decode}", "--out", tmp_path / "run")
     assert result.exit_code == 2 and "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "broken.png" in errors[0]
+    assert len(errors) == 1 and name in errors[0]
 
 
 def test_an_empty_image_folder_is_one_line(tmp_path):
@@ -243,7 +248,7 @@ def test_the_evaluation_geometry_trains_and_is_what_eval_and_predict_resize_with
     from gtrain.predict import image_transform
 
     _, meta, _ = load_model(run / "best.safetensors")
-    steps = image_transform(meta).transforms
-    resizes = [step for step in steps if isinstance(step, transforms.Resize)]
-    assert [(step.interpolation, step.size) for step in resizes] == [(transforms.InterpolationMode.BICUBIC, 30)]
-    assert [step.size for step in steps if isinstance(step, transforms.CenterCrop)] == [(24, 24)]
+    steps = image_transform(meta).transforms  # uint8 crops, as eval reads an ImageFolder
+    resizes = [step for step in steps if isinstance(step, v2.Resize)]
+    assert [(step.interpolation, step.size) for step in resizes] == [(transforms.InterpolationMode.BICUBIC, [30])]
+    assert [step.size for step in steps if isinstance(step, v2.CenterCrop)] == [(24, 24)]

@@ -183,11 +183,14 @@ def test_unwritable_output_folder_is_one_line(tmp_path, fast):
     assert "cannot write" in result.stderr and "--out" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_resume_is_bit_exact_on_the_uint8_image_folder_path(tmp_path, imagefolder_root):
-    """Crops, flips, TrivialAugment in the loader and noise erasing on the device: all drawn
-    from the generators a checkpoint saves (data.workers = 0)."""
+@pytest.mark.parametrize("decode, workers", [("cpu", 0), ("device", 2)])
+def test_resume_is_bit_exact_on_the_uint8_image_folder_path(tmp_path, imagefolder_root, decode, workers):
+    """Crops, flips, TrivialAugment and noise erasing: all drawn from the generators a
+    checkpoint saves: in the loader with data.workers = 0, or on the device, with any number of
+    workers, when the device decodes."""
     common = ["quickstart", "--set", "data.dataset=ImageFolder", "--set", f"data.root={imagefolder_root}",
-              "--set", "data.image_size=16", "--set", "data.batch_size=8", "--set", "data.workers=0",
+              "--set", "data.image_size=16", "--set", "data.batch_size=8", "--set", f"data.workers={workers}",
+              "--set", f"data.decode={decode}",
               "--set", "model.stage_depths=[1, 1, 1]", "--set", "train.epochs=2", "--set", "train.precision=fp32",
               "--set", "train.deterministic=true", "--set", "data.auto_augment=trivialaugment",
               "--set", "data.random_erasing=0.5", "--set", "data.random_erasing_fill=noise"]  # fmt: skip

@@ -14,6 +14,7 @@ Read top to bottom: the table, the digits dataset, the transforms, the builders.
 """
 
 import functools
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -144,21 +145,25 @@ class DataBundle:
     augmentation: "BatchAugmentation | None" = None
     not_in_memory_because: str = ""  # why they cannot, for the error of data.in_memory = "on"
     interpolation: str = "bilinear"  # how the on-device path resizes them, as the transforms do
-    # Set where the DataLoader's training batches are uint8 (C, H, W) images: what the device
-    # does to each batch before the step (gtrain.data.loaders.DeviceBatches).
-    device_finish: "DeviceFinish | None" = None
+    # Set where the DataLoader's batches are uint8 (C, H, W) images (photos: ImageFolder and
+    # the "imagenet" style rows): what the device does to each batch before the step or the
+    # evaluation (gtrain.data.loaders.DeviceBatches).
+    train_finish: "DeviceFinish | None" = None
+    val_finish: "DeviceFinish | None" = None
 
 
 @dataclass(frozen=True)
 class DeviceFinish:
-    """The end of a uint8 training pipeline, run on the device in batches: to float,
-    normalise, and erase a random rectangle per image (torchvision's RandomErasing, with the
-    same draws)."""
+    """The end of a uint8 pipeline, run on the device in batches: to float, normalise, and in
+    training erase a random rectangle per image (torchvision's RandomErasing, with the same
+    draws). With `decode_then`, the workers only read the files (`read_encoded`): the device
+    decodes each batch's JPEGs and runs `decode_then`, the per-image uint8 augmentation, there."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     random_erasing: float = 0.0
     random_erasing_fill: str = "mean"
+    decode_then: Any = None
 
 
 @dataclass(frozen=True)
@@ -371,43 +376,100 @@ def uint8_train_transform(
     return v2.Compose(steps + _flip_and_policy(v2, spec, auto_augment, resample))
 
 
-def read_image_file(path: str):
-    """An image file as uint8 (3, H, W): JPEG, PNG, WebP and GIF through torchvision.io
-    (libjpeg-turbo straight into a tensor), other formats through PIL."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+def uint8_eval_transform(
+    spec: DatasetSpec, image_size: int, interpolation: Interpolation = "bilinear", resize_size: int | None = None
+):
+    """`eval_transform`'s resize and centre crop of a "imagenet" style row on uint8 (C, H, W)
+    tensors; the device normalises the batch. The same for validation, `gtrain eval` and
+    `gtrain predict`, so the three agree exactly."""
+    from torchvision.transforms import v2
+
+    resample = transforms.InterpolationMode(interpolation)
+    resize = resize_size or int(image_size / 0.875)
+    return v2.Compose([v2.PILToTensor(), v2.Resize(resize, interpolation=resample, antialias=True), v2.CenterCrop(image_size)])
+
+
+def decode_image_data(data: torch.Tensor, path: str) -> torch.Tensor:
+    """A file's bytes as uint8 (3, H, W): JPEG, PNG, WebP and GIF through torchvision.io
+    (libjpeg-turbo straight into a tensor), other formats through PIL. A file neither
+    decodes raises OSError naming `path`."""
+    from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.functional import pil_to_tensor
 
     try:
-        image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        image = decode_image(data, mode=ImageReadMode.RGB)
         if image.dtype != torch.uint8:  # a 16-bit PNG
             image = (image.float() * (255 / 65535)).round().to(torch.uint8)
         return image
     except RuntimeError:
         pass  # not a format torchvision.io decodes, or a damaged file: PIL tells which
-    with Image.open(path) as image:  # a damaged file raises OSError naming the path
-        return pil_to_tensor(image.convert("RGB"))
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
+            return pil_to_tensor(image.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise OSError(f"cannot decode the image {path}: {error_line(error)}") from None
+
+
+def read_image_file(path: str) -> torch.Tensor:
+    """An image file as uint8 (3, H, W) (see `decode_image_data`)."""
+    from torchvision.io import read_file
+
+    return decode_image_data(read_file(path), path)
+
+
+class EncodedImage(NamedTuple):
+    """An image file's bytes, undecoded, and its path (for the error if it does not decode).
+    A numpy array, not a tensor: DataLoader workers pickle it into the batch, where a tensor
+    would take a shared-memory file descriptor per image."""
+
+    path: str
+    data: np.ndarray  # uint8 (bytes,)
+
+
+def read_encoded(path: str) -> EncodedImage:
+    return EncodedImage(path, np.fromfile(path, dtype=np.uint8))
+
+
+Decode = Literal["cpu", "device"]
 
 
 def training_pipeline(
     spec: DatasetSpec, size: int, *, augment: bool, interpolation: Interpolation, auto_augment: AutoAugment,
-    random_erasing: float, random_erasing_fill: ErasingFill,
+    random_erasing: float, random_erasing_fill: ErasingFill, decode: Decode = "cpu",
 ) -> tuple[Any, "DeviceFinish | None"]:  # fmt: skip
     """The training transform, and what the device finishes when it yields uint8 (else None).
-    Unaugmented, training images keep the training size, whatever the evaluation's."""
+    Unaugmented, training images keep the training size, whatever the evaluation's. With
+    `decode = "device"` the transform is None: the items are `EncodedImage`s and the device
+    decodes and augments them (`DeviceFinish.decode_then`)."""
     if uses_uint8_batches(spec, augment, auto_augment):
-        transform = uint8_train_transform(spec, size, auto_augment=auto_augment, interpolation=interpolation)
-        return transform, DeviceFinish(spec.stats.mean, spec.stats.std, random_erasing, random_erasing_fill)
+        if augment:
+            transform = uint8_train_transform(spec, size, auto_augment=auto_augment, interpolation=interpolation)
+        else:
+            transform = uint8_eval_transform(spec, size, interpolation)
+        erasing = (random_erasing, random_erasing_fill) if augment else (0.0, "mean")
+        if decode == "device":
+            return None, DeviceFinish(spec.stats.mean, spec.stats.std, *erasing, decode_then=transform)
+        return transform, DeviceFinish(spec.stats.mean, spec.stats.std, *erasing)
     if not augment:
         return eval_transform(spec, size, interpolation), None
     per_image = dict(auto_augment=auto_augment, random_erasing=random_erasing, random_erasing_fill=random_erasing_fill)
     return train_transform(spec, size, interpolation=interpolation, **per_image), None
 
 
+def evaluation_pipeline(
+    spec: DatasetSpec, size: int, interpolation: Interpolation, resize_size: int | None = None
+) -> tuple[Any, "DeviceFinish | None"]:
+    """The evaluation transform, and the device's normalisation where it yields uint8 (photos)."""
+    if spec.style == "cifar":
+        return eval_transform(spec, size, interpolation, resize_size), None
+    return uint8_eval_transform(spec, size, interpolation, resize_size), DeviceFinish(spec.stats.mean, spec.stats.std)
+
+
 def uses_uint8_batches(spec: DatasetSpec, augment: bool, auto_augment: AutoAugment) -> bool:
-    """Training batches go through the DataLoader as uint8 for cropped data ("imagenet"
-    style); timm's RandAugment works on PIL images and keeps the float path, as do the
-    small "cifar" style images, for which PIL's per-image transforms cost little."""
-    return augment and spec.style != "cifar" and auto_augment in TORCHVISION_POLICIES
+    """Batches go through the DataLoader as uint8 for cropped data ("imagenet" style);
+    training with timm's RandAugment, which works on PIL images, keeps the float path, as do
+    the small "cifar" style images, for which PIL's per-image transforms cost little."""
+    return spec.style != "cifar" and (not augment or auto_augment in TORCHVISION_POLICIES)
 
 
 def eval_transform(
@@ -454,6 +516,7 @@ def build_data(
     interpolation: Interpolation = "bilinear",
     eval_image_size: int | None = None,
     eval_resize_size: int | None = None,
+    decode: Decode = "cpu",
 ) -> DataBundle:
     """The train set (augmented when `augment`) and the `val_split` set (never augmented),
     evaluated at `eval_image_size` (default: the training size), resized first to
@@ -464,6 +527,9 @@ def build_data(
 
     `val_split="test"` falls back to "val" for data without a test split (Imagenette, an
     ImageFolder without test/).
+
+    `decode = "device"`: the training images of an ImageFolder are decoded on the device
+    (see `DeviceFinish`); validation always decodes on the CPU, as `gtrain eval` does.
     """
     name = _canonical_name(dataset)
     root = Path(root)
@@ -471,7 +537,12 @@ def build_data(
     evaluation = dict(eval_image_size=eval_image_size, eval_resize_size=eval_resize_size)
     if name == IMAGE_FOLDER:
         return _build_image_folder(root, image_size=image_size, augment=augment, val_split=val_split,
-                                   interpolation=interpolation, **evaluation, **per_image)  # fmt: skip
+                                   interpolation=interpolation, decode=decode, **evaluation, **per_image)  # fmt: skip
+    if decode == "device":
+        raise UserError(
+            f"data.decode = 'device' decodes image files, and {name} gives decoded images: "
+            "set data.decode = 'cpu', or export the images to an ImageFolder"
+        )
     spec = DATASETS[name]
     size = _image_size(image_size, spec)
     val_split = _resolve_split(name, val_split, spec.splits)
@@ -480,13 +551,14 @@ def build_data(
             f"data.eval_image_size and data.eval_resize_size are for data that is cropped to be evaluated "
             f"(ImageFolder, photo datasets); {name} is evaluated whole at data.image_size: leave them unset"
         )
-    evaluate = eval_transform(spec, eval_image_size or size, interpolation, eval_resize_size)
-    train_tf, finish = training_pipeline(spec, size, augment=augment, interpolation=interpolation, **per_image)
+    evaluate, val_finish = evaluation_pipeline(spec, eval_image_size or size, interpolation, eval_resize_size)
+    train_tf, train_finish = training_pipeline(spec, size, augment=augment, interpolation=interpolation, **per_image)
     train = _load(name, spec.splits["train"], root=root, download=download, transform=train_tf)
     val = _load(name, spec.splits[val_split], root=root, download=download, transform=evaluate)
     info = _table_info(name, spec, size, train)
     if spec.style != "cifar":
-        return DataBundle(info, train, val, None, _NOT_SMALL.format(name=name), device_finish=finish)
+        return DataBundle(info, train, val, None, _NOT_SMALL.format(name=name), train_finish=train_finish,
+                          val_finish=val_finish)  # fmt: skip
     if augment and (auto_augment != "none" or random_erasing > 0):
         return DataBundle(info, train, val, None, "data.auto_augment and data.random_erasing run per image")
     batched = BatchAugmentation(pad=max(1, size // 8) if augment else 0, flip=spec.flip and augment)
@@ -503,8 +575,9 @@ def build_eval_data(
     class_names: tuple[str, ...] | None = None,
     interpolation: Interpolation = "bilinear",
     resize_size: int | None = None,
-) -> tuple[DatasetInfo, Dataset]:
-    """One split of a dataset with the evaluation transform, for scoring a trained model.
+) -> tuple[DatasetInfo, Dataset, "DeviceFinish | None"]:
+    """One split of a dataset with the evaluation transform, for scoring a trained model, and
+    what the device does to its batches (None: the items are normalised already).
 
     `class_names`: the classes the model was trained on; an ImageFolder must have exactly
     these, or its labels would silently mean other classes.
@@ -517,14 +590,16 @@ def build_eval_data(
         expected = list(class_names) if class_names else None
         if expected is None and (root / "train").is_dir():
             expected = _class_folders(root / "train")
-        transform = eval_transform(IMAGE_FOLDER_SPEC, size, interpolation, resize_size)
-        data = _load_image_folder(_image_folder_split(root, split), transform, expected_classes=expected)
-        return _image_folder_info(size, data.classes), data
+        transform, finish = evaluation_pipeline(IMAGE_FOLDER_SPEC, size, interpolation, resize_size)
+        data = _load_image_folder(_image_folder_split(root, split), transform, expected_classes=expected,
+                                  loader=read_image_file)  # fmt: skip
+        return _image_folder_info(size, data.classes), data, finish
     spec = DATASETS[name]
     size = _image_size(image_size, spec)
     split = _resolve_split(name, split, spec.splits)
-    data = _load(name, spec.splits[split], root=root, download=download, transform=eval_transform(spec, size, interpolation, resize_size))
-    return _table_info(name, spec, size, data), data
+    transform, finish = evaluation_pipeline(spec, size, interpolation, resize_size)
+    data = _load(name, spec.splits[split], root=root, download=download, transform=transform)
+    return _table_info(name, spec, size, data), data, finish
 
 
 def _canonical_name(dataset: str) -> str:
@@ -619,17 +694,26 @@ def _class_names(data: Dataset, num_classes: int) -> tuple[str, ...]:
 
 def _build_image_folder(
     root: Path, *, image_size: int | None, augment: bool, val_split: str, interpolation: Interpolation,
-    eval_image_size: int | None, eval_resize_size: int | None, **per_image: Any,
+    eval_image_size: int | None, eval_resize_size: int | None, decode: Decode, **per_image: Any,
 ) -> DataBundle:  # fmt: skip
     size = _image_size(image_size, IMAGE_FOLDER_SPEC)
-    evaluate = eval_transform(IMAGE_FOLDER_SPEC, eval_image_size or size, interpolation, eval_resize_size)
-    train_tf, finish = training_pipeline(IMAGE_FOLDER_SPEC, size, augment=augment, interpolation=interpolation, **per_image)
-    # uint8 batches: files decoded by torchvision.io straight into tensors
-    loader = read_image_file if finish is not None else None
-    train = _load_image_folder(_image_folder_split(root, "train"), train_tf, loader=loader)
-    val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes)
+    evaluate, val_finish = evaluation_pipeline(IMAGE_FOLDER_SPEC, eval_image_size or size, interpolation, eval_resize_size)
+    train_tf, train_finish = training_pipeline(IMAGE_FOLDER_SPEC, size, augment=augment, interpolation=interpolation,
+                                               decode=decode, **per_image)  # fmt: skip
+    if decode == "device" and train_finish is None:
+        raise UserError(
+            f"data.decode = 'device' runs torchvision's augmentation on the device, and data.auto_augment = "
+            f"{per_image['auto_augment']!r} is timm's, which runs on PIL images: set data.decode = 'cpu'"
+        )
+    # uint8 batches: files decoded by torchvision.io straight into tensors, or read only
+    train_loader = read_image_file if train_finish is not None else None
+    if train_finish is not None and train_finish.decode_then is not None:
+        train_loader = read_encoded
+    train = _load_image_folder(_image_folder_split(root, "train"), train_tf, loader=train_loader)
+    val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes,
+                             loader=read_image_file)  # fmt: skip
     return DataBundle(_image_folder_info(size, train.classes), train, val, None, _NOT_SMALL.format(name=IMAGE_FOLDER),
-                      device_finish=finish)  # fmt: skip
+                      train_finish=train_finish, val_finish=val_finish)  # fmt: skip
 
 
 def _image_folder_split(root: Path, split: str) -> Path:

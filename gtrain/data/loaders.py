@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import transforms
 
-from gtrain.data.datasets import BatchAugmentation, DataBundle, DeviceFinish
+from gtrain.data.datasets import BatchAugmentation, DataBundle, DeviceFinish, EncodedImage, decode_image_data
 from gtrain.distributed import World
 from gtrain.errors import UserError
 
@@ -68,8 +68,9 @@ class EpochSampler(Sampler[int]):
 
 
 def make_train_loader(
-    dataset: Dataset, *, global_batch: int, seed: int, workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1
-):
+    dataset: Dataset, *, global_batch: int, seed: int, workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1,
+    collate_fn=None,
+):  # fmt: skip
     sampler = EpochSampler(len(dataset), seed, global_batch=global_batch, rank=rank, world_size=world_size)
     loader = DataLoader(
         dataset,
@@ -77,6 +78,7 @@ def make_train_loader(
         sampler=sampler,  # whole batches only: the sampler drops the epoch's remainder
         num_workers=workers,
         pin_memory=pin_memory,
+        collate_fn=collate_fn,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         # Its own generator: otherwise every new epoch iterator draws a worker seed from
@@ -87,13 +89,15 @@ def make_train_loader(
 
 
 def make_eval_loader(
-    dataset: Dataset, *, batch_size: int, workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1
-) -> DataLoader:
+    dataset: Dataset, *, batch_size: int, workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1,
+    finish: DeviceFinish | None = None, device: torch.device | None = None,
+):  # fmt: skip
     """Under torch.distributed, process r evaluates images r, r + N, r + 2N, ...: every image
-    exactly once, with no padding, so the reduced metrics equal a single process's."""
+    exactly once, with no padding, so the reduced metrics equal a single process's. With
+    `finish` (uint8 items), the batches are normalised on `device`."""
     if world_size > 1:
         dataset = Subset(dataset, range(rank, len(dataset), world_size))
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
@@ -101,6 +105,7 @@ def make_eval_loader(
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
     )
+    return loader if finish is None else DeviceBatches(loader, finish, device)
 
 
 def uint8_normalization(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,10 +114,19 @@ def uint8_normalization(mean, std, device: torch.device) -> tuple[torch.Tensor, 
     return (1 / (255 * std)).view(1, -1, 1, 1), (-mean / std).view(1, -1, 1, 1)
 
 
+def normalize_uint8(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> normalised float32, in one new tensor: every path that
+    normalises uint8 images (training, evaluation, prediction) computes it this way, so
+    their numbers agree to the bit."""
+    return images.float().mul_(scale).add_(shift)
+
+
 class DeviceBatches:
     """The batches of a DataLoader whose workers send uint8 images: each batch is copied to
     the device (pinned and non-blocking on CUDA, so the copy overlaps the step before it),
-    made float and normalised there, and erased per image where the recipe asks."""
+    made float and normalised there, and erased per image where the recipe asks. With
+    `finish.decode_then` the workers send the files' bytes: the device decodes the batch
+    (nvJPEG on CUDA, in one call) and augments each image before the rest."""
 
     def __init__(self, loader: DataLoader, finish: DeviceFinish, device: torch.device):
         self.loader, self.finish, self.device = loader, finish, device
@@ -123,10 +137,38 @@ class DeviceBatches:
 
     def __iter__(self):
         for images, labels in self.loader:
-            images = images.to(self.device, non_blocking=True).float() * self.scale + self.shift
+            if self.finish.decode_then is not None:
+                images = torch.stack([self.finish.decode_then(image) for image in decode_on(images, self.device)])
+            images = normalize_uint8(images.to(self.device, non_blocking=True), self.scale, self.shift)
             if self.finish.random_erasing > 0:
                 erase_rectangles(images, self.finish.random_erasing, noise=self.finish.random_erasing_fill == "noise")
             yield images, labels.to(self.device, non_blocking=True)
+
+
+def collate_encoded(items: list[tuple[EncodedImage, int]]) -> tuple[list[EncodedImage], torch.Tensor]:
+    """A batch of undecoded files: their sizes differ, so they stay a list."""
+    return [image for image, _ in items], torch.tensor([label for _, label in items])
+
+
+def decode_on(encoded: list[EncodedImage], device: torch.device) -> list[torch.Tensor]:
+    """uint8 (3, H, W) images on `device`: the JPEGs in one `decode_jpeg` call there, the
+    other formats (and any JPEG it cannot decode, to name the file) on the CPU."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.from_numpy(image.data) for image in encoded]
+    images: list[torch.Tensor | None] = [None] * len(encoded)
+    jpegs = [i for i, bytes_ in enumerate(data) if bytes_[:2].tolist() == [0xFF, 0xD8]]
+    if jpegs:
+        try:
+            decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            for i, image in zip(jpegs, decoded):
+                images[i] = image
+        except RuntimeError:
+            pass  # a damaged or unusual JPEG: the loop below decodes each, and names a bad one
+    for i, image in enumerate(images):
+        if image is None:
+            images[i] = decode_image_data(data[i], encoded[i].path).to(device)
+    return images
 
 
 def erase_rectangles(images: torch.Tensor, p: float, *, noise: bool) -> None:
@@ -216,7 +258,7 @@ class InMemoryLoader:
             images = self.images[index]
             if self.augmentation is not None:
                 images = self._augment(images, step=first_step + i)
-            yield images.float() * self.scale + self.shift, self.labels[index]
+            yield normalize_uint8(images, self.scale, self.shift), self.labels[index]
 
     def _augment(self, images: torch.Tensor, step: int) -> torch.Tensor:
         """Random crop after zero padding, and random horizontal flip, per image."""
@@ -249,12 +291,16 @@ def build_loaders(data: DataBundle, *, in_memory: str, global_batch: int, seed: 
     shard = dict(rank=world.rank, world_size=world.size)
     if in_memory == "off" or (in_memory == "auto" and data.augmentation is None):
         pin_memory = device.type == "cuda"
+        finish = data.train_finish
+        encoded = finish is not None and finish.decode_then is not None
         train_loader, sampler = make_train_loader(
-            data.train, global_batch=global_batch, seed=seed, workers=workers, pin_memory=pin_memory, **shard
-        )
-        if data.device_finish is not None:  # uint8 batches, finished on the device
-            train_loader = DeviceBatches(train_loader, data.device_finish, device)
-        val_loader = make_eval_loader(data.val, batch_size=batch_size, workers=workers, pin_memory=pin_memory, **shard)
+            data.train, global_batch=global_batch, seed=seed, workers=workers, pin_memory=pin_memory, **shard,
+            collate_fn=collate_encoded if encoded else None,
+        )  # fmt: skip
+        if finish is not None:  # uint8 batches, finished on the device
+            train_loader = DeviceBatches(train_loader, finish, device)
+        val_loader = make_eval_loader(data.val, batch_size=batch_size, workers=workers, pin_memory=pin_memory, **shard,
+                                      finish=data.val_finish, device=device)  # fmt: skip
         return train_loader, sampler, val_loader
     if data.augmentation is None:
         raise UserError(
