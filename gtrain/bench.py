@@ -230,11 +230,12 @@ def run_data_bench(
         epoch += 1
     _synchronize(device_)
     loader_rate = images / (time.perf_counter() - start)
+    # The step as fit takes it: on each micro-batch of train.accumulate_steps, compiled or not.
     step = run_bench(
-        recipe.model.name, batch_size=len(inputs), image_size=data.info.image_size, precision=train.precision,
-        channels_last=runtime.resolve_channels_last(train.channels_last, device_), device=str(device_), steps=steps,
-        warmup=2, repeats=repeats, num_classes=data.info.num_classes, in_chans=data.info.in_chans,
-        model_settings=recipe.model_overrides(),
+        recipe.model.name, batch_size=len(inputs) // train.accumulate_steps, image_size=data.info.image_size,
+        precision=train.precision, channels_last=runtime.resolve_channels_last(train.channels_last, device_),
+        compile=train.compile, device=str(device_), steps=steps, warmup=2, repeats=repeats,
+        num_classes=data.info.num_classes, in_chans=data.info.in_chans, model_settings=recipe.model_overrides(),
     )  # fmt: skip
     train_rate = step.train_images_per_s
     return DataBenchResult(
