@@ -207,12 +207,13 @@ def run_data_bench(
         data, in_memory=recipe.data.in_memory, global_batch=recipe.data.batch_size, seed=train.seed,
         workers=recipe.data.workers, device=device_, world=world,
     )  # fmt: skip
+    decodes_on_device = isinstance(loader, DeviceBatches) and loader.finish.decode_then is not None
     if isinstance(loader, InMemoryLoader):
         path = "on the device (uint8 held there, augmented in batches)"
     else:
         kind = "uint8 batches, finished on the device" if isinstance(loader, DeviceBatches) else "float32 batches"
-        if isinstance(loader, DeviceBatches) and loader.finish.decode_then is not None:
-            kind = "file bytes, JPEGs decoded and augmented on the device"
+        if decodes_on_device:
+            kind = "file bytes, JPEGs decoded and augmented on the device, taking turns with the step"
         path = f"DataLoader, {recipe.data.workers} workers, {kind}"
     images, epoch, timed, start = 0, 0, -warmup, time.perf_counter()
     while timed < batches:
@@ -242,7 +243,10 @@ def run_data_bench(
         recipe=recipe_name, device=str(device_), loader=path, batch_size=len(inputs), image_size=data.info.image_size,
         batches=batches, loader_images_per_s=loader_rate, train_images_per_s=train_rate,
         limited_by="data" if loader_rate < train_rate else "model",
-        data_wait_fraction=max(0.0, 1 - loader_rate / train_rate),
+        # Workers overlap the step, so only a slower loader makes it wait; decoding on the
+        # device runs between steps, so its time adds to theirs.
+        data_wait_fraction=(train_rate / (loader_rate + train_rate) if decodes_on_device
+                            else max(0.0, 1 - loader_rate / train_rate)),  # fmt: skip
     )  # fmt: skip
 
 

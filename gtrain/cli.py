@@ -178,6 +178,8 @@ def eval_(
         )  # fmt: skip
     except UserError as error:
         raise fail(error) from None
+    except OSError as error:  # an unreadable or corrupt image of the split
+        raise fail(UserError(f"{error_line(error, last=True)}; fix or remove that file")) from None
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
         return

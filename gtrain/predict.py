@@ -120,14 +120,17 @@ class Classifier:
         """One image -> the normalised (C, H, W) float tensor the model reads."""
         if isinstance(image, torch.Tensor) and image.dtype != torch.uint8:
             return image
+        if isinstance(image, torch.Tensor):
+            # On the CPU, as eval resizes; through PIL unless it is already (3, H, W) for a photo model.
+            image = image.cpu()
+            if not (self.uint8 and image.dim() == 3 and image.shape[0] == 3):
+                image = to_pil_image(image)
         if isinstance(image, str | Path):
             image = self.read_file(Path(image))
-        elif isinstance(image, torch.Tensor) and not (self.uint8 and image.dim() == 3 and image.shape[0] == 3):
-            image = self.transform(to_pil_image(image))  # PIL converts it to the model's mode
         elif isinstance(image, Image.Image) and self.uint8:
             image = self.transform(image if image.mode == "RGB" else image.convert("RGB"))
         elif isinstance(image, torch.Tensor | Image.Image):
-            image = self.transform(image)
+            image = self.transform(image)  # the PIL path converts to the model's mode itself
         else:
             raise TypeError(f"cannot classify a {type(image).__name__}: give PIL images, paths or tensors")
         return self.normalize(image[None])[0] if image.dtype == torch.uint8 else image

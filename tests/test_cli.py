@@ -171,7 +171,8 @@ def test_bench_json_reports_throughput_flops_and_mfu():
 @pytest.mark.parametrize(
     "workers, decode, name, content",
     [(0, "cpu", "broken.png", b"\x89PNG not really"), (1, "cpu", "broken.png", b"\x89PNG not really"),
-     (1, "device", "broken.jpg", b"\xff\xd8\xff\xe0 not really")],
+     (1, "device", "broken.jpg", b"\xff\xd8\xff\xe0 not really"), (0, "cpu", "empty.jpg", b""),
+     (1, "device", "empty.jpg", b"")],
 )  # fmt: skip
 def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path, imagefolder_root, workers, decode, name, content):
     broken = next((imagefolder_root / "train").iterdir()) / name
@@ -196,11 +197,16 @@ def test_bad_cli_arguments_exit_with_code_2():
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 
-def test_eval_refuses_an_image_folder_with_other_classes(tmp_path, imagefolder_root):
+def test_eval_refuses_a_corrupt_image_and_an_image_folder_with_other_classes(tmp_path, imagefolder_root):
     run = tmp_path / "run"
     result = invoke("fit", *TINY, "--set", "data.dataset=ImageFolder", "--set", f"data.root={imagefolder_root}",
                     "--set", "data.batch_size=16", "--set", "train.epochs=1", "--out", run)
     assert result.exit_code == 0, result.output
+    broken = imagefolder_root / "val" / "cat" / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    result = invoke("eval", run, "--split", "val")
+    assert result.exit_code == 2 and "broken.png" in result.output and "Traceback" not in result.output
+    broken.unlink()
     other = tmp_path / "other"
     other.mkdir()
     (imagefolder_root / "val").rename(other / "val")

@@ -130,3 +130,46 @@ def test_no_images_and_bad_options_are_one_line_with_exit_code_2(tmp_path, digit
         result = invoke(*args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and len(result.output.strip().splitlines()) == 1, (args, result.output)
+
+
+def test_photo_models_predict_as_eval_scores_from_paths_images_and_tensors_of_any_mode(tmp_path):
+    """ImageFolder weights: predict, eval and Classifier read JPEGs through one uint8 path
+    (torchvision.io, tensor resize and crop, normalised on the device); grayscale and RGBA
+    inputs become RGB; an animated GIF is its first frame; an empty file is a record."""
+    from tests.conftest import write_image_folder
+
+    root = write_image_folder(tmp_path / "jpegs", size=40, suffix=".jpg")
+    run = tmp_path / "run"
+    result = invoke("fit", "quickstart", "--set", "data.dataset=ImageFolder", "--set", f"data.root={root}",
+                    "--set", "data.image_size=24", "--set", "data.batch_size=15", "--set", "train.epochs=2",
+                    "--set", "train.precision=fp32", "--set", "model.stage_depths=[1, 1, 1]", "--out", run, "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "preds.jsonl"
+    result = invoke("predict", run, root / "val", "--out", out, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    agree = sum(r["predictions"][0]["class"] == r["path"].split("/")[-2] for r in records)
+    report = json.loads(invoke("eval", run, "--split", "val", "--json").output)
+    assert len(records) == report["images"] == 24 and agree / 24 == report["top1"]
+
+    classifier = Classifier.load(run)
+    paths = sorted((root / "val").rglob("*.jpg"))[:6]
+    from_cli = [r["predictions"] for r in records if r["path"] in map(str, paths)]
+    assert classifier.predict(paths, batch_size=64) == from_cli
+    images = [Image.open(p) for p in paths]
+    assert classifier.predict(images, batch_size=64) == from_cli
+    assert classifier.predict([pil_to_tensor(image) for image in images], batch_size=64) == from_cli
+    gray, rgba = images[0].convert("L"), images[0].convert("RGBA")
+    as_rgb = classifier.predict([gray.convert("RGB"), rgba.convert("RGB")])
+    assert classifier.predict([gray, rgba]) == as_rgb
+    assert classifier.predict([pil_to_tensor(gray), pil_to_tensor(rgba)]) == as_rgb
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "empty.jpg").write_bytes(b"")
+    frames = [images[0], images[1]]
+    frames[0].save(odd / "animated.gif", save_all=True, append_images=frames[1:])
+    result = invoke("predict", run, odd / "empty.jpg", odd / "animated.gif", "--out", tmp_path / "odd.jsonl", "--workers", "0")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    errors = {r["path"].split("/")[-1]: r.get("error") for r in read_jsonl(tmp_path / "odd.jsonl")}
+    assert errors["animated.gif"] is None and "empty.jpg" in errors["empty.jpg"] and "is empty" in errors["empty.jpg"]

@@ -191,12 +191,13 @@ def test_resume_is_bit_exact_on_the_uint8_image_folder_path(tmp_path, imagefolde
     common = ["quickstart", "--set", "data.dataset=ImageFolder", "--set", f"data.root={imagefolder_root}",
               "--set", "data.image_size=16", "--set", "data.batch_size=8", "--set", f"data.workers={workers}",
               "--set", f"data.decode={decode}",
-              "--set", "model.stage_depths=[1, 1, 1]", "--set", "train.epochs=2", "--set", "train.precision=fp32",
+              "--set", "model.stage_depths=[1, 1, 1]", "--set", "train.epochs=3", "--set", "train.precision=fp32",
               "--set", "train.deterministic=true", "--set", "data.auto_augment=trivialaugment",
               "--set", "data.random_erasing=0.5", "--set", "data.random_erasing_fill=noise"]  # fmt: skip
     reference, run = tmp_path / "reference", tmp_path / "run"
     assert gtrain("fit", *common, "--out", reference).returncode == 0
-    stopped = gtrain("fit", *common, "--out", run, fault="signal-at-step:9:SIGTERM")  # mid-way through epoch 2
+    # Mid-way through epoch 2 of 3: the resumed run validates, then trains an epoch more.
+    stopped = gtrain("fit", *common, "--out", run, fault="signal-at-step:9:SIGTERM")
     assert stopped.returncode == 75, stopped.stderr
     resumed = gtrain("fit", "--resume", run)
     assert resumed.returncode == 0, resumed.stderr

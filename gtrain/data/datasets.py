@@ -22,7 +22,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 import torchvision
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder, VisionDataset
@@ -390,14 +390,18 @@ def uint8_eval_transform(
 
 
 def decode_image_data(data: torch.Tensor, path: str) -> torch.Tensor:
-    """A file's bytes as uint8 (3, H, W): JPEG, PNG, WebP and GIF through torchvision.io
-    (libjpeg-turbo straight into a tensor), other formats through PIL. A file neither
-    decodes raises OSError naming `path`."""
+    """A file's bytes as uint8 (3, H, W): JPEG, PNG, WebP and GIF (its first frame) through
+    torchvision.io (libjpeg-turbo straight into a tensor), other formats through PIL. A file
+    neither decodes raises OSError naming `path`."""
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.functional import pil_to_tensor
 
+    if data.numel() == 0:
+        raise OSError(f"cannot decode the image {path}: the file is empty")
     try:
         image = decode_image(data, mode=ImageReadMode.RGB)
+        if image.dim() == 4:  # an animated GIF: its frames
+            image = image[0]
         if image.dtype != torch.uint8:  # a 16-bit PNG
             image = (image.float() * (255 / 65535)).round().to(torch.uint8)
         return image
@@ -406,15 +410,16 @@ def decode_image_data(data: torch.Tensor, path: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
             return pil_to_tensor(image.convert("RGB"))
+    except UnidentifiedImageError:
+        raise OSError(f"cannot decode the image {path}: neither torchvision.io nor PIL reads its format") from None
     except (OSError, ValueError) as error:
         raise OSError(f"cannot decode the image {path}: {error_line(error)}") from None
 
 
 def read_image_file(path: str) -> torch.Tensor:
-    """An image file as uint8 (3, H, W) (see `decode_image_data`)."""
-    from torchvision.io import read_file
-
-    return decode_image_data(read_file(path), path)
+    """An image file as uint8 (3, H, W) (see `decode_image_data`); a file that cannot be read
+    raises OSError naming it, as `open` does."""
+    return decode_image_data(torch.from_numpy(np.fromfile(path, dtype=np.uint8)), path)
 
 
 class EncodedImage(NamedTuple):

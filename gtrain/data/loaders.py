@@ -104,6 +104,9 @@ def make_eval_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
+        # Its own generator: the first iterator of a DataLoader draws its workers' seed, and
+        # a resumed run would draw it from the global RNG where the run it resumes did not.
+        generator=torch.Generator(),
     )
     return loader if finish is None else DeviceBatches(loader, finish, device)
 
