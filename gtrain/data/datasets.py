@@ -386,7 +386,8 @@ def uint8_eval_transform(
 
     resample = transforms.InterpolationMode(interpolation)
     resize = resize_size or int(image_size / 0.875)
-    return v2.Compose([v2.PILToTensor(), v2.Resize(resize, interpolation=resample, antialias=True), v2.CenterCrop(image_size)])
+    steps = [v2.PILToTensor(), v2.Resize(resize, interpolation=resample, antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose(steps)
 
 
 def decode_image_data(data: torch.Tensor, path: str) -> torch.Tensor:
