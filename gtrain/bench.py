@@ -207,13 +207,16 @@ def run_data_bench(
         data, in_memory=recipe.data.in_memory, global_batch=recipe.data.batch_size, seed=train.seed,
         workers=recipe.data.workers, device=device_, world=world,
     )  # fmt: skip
-    decodes_on_device = isinstance(loader, DeviceBatches) and loader.finish.decode_then is not None
+    decodes_on_device = isinstance(loader, DeviceBatches) and loader.finish.decodes_files
     if isinstance(loader, InMemoryLoader):
         path = "on the device (uint8 held there, augmented in batches)"
     else:
-        kind = "uint8 batches, finished on the device" if isinstance(loader, DeviceBatches) else "float32 batches"
         if decodes_on_device:
             kind = "file bytes, JPEGs decoded and augmented on the device, taking turns with the step"
+        elif isinstance(loader, DeviceBatches):
+            kind = "uint8 batches, finished on the device"
+        else:
+            kind = "float32 batches"
         path = f"DataLoader, {recipe.data.workers} workers, {kind}"
     images, epoch, timed, start = 0, 0, -warmup, time.perf_counter()
     while timed < batches:

@@ -49,26 +49,24 @@ class ConvertMode:
         return image if image.mode == self.mode else image.convert(self.mode)
 
 
-def reads_uint8(meta: WeightsMeta) -> bool:
-    """Whether `gtrain eval` reads the weights' dataset as uint8 crops (photos) rather than
-    as normalised float images (the small "cifar" style rows)."""
-    from gtrain.data import DATASETS, IMAGE_FOLDER_SPEC
-
-    return DATASETS.get(meta.dataset, IMAGE_FOLDER_SPEC).style != "cifar"
-
-
 def image_transform(meta: WeightsMeta):
-    """`gtrain eval`'s transform for the weights' dataset, for any image: to a uint8 crop
-    (RGB, `reads_uint8`), or to a normalised float tensor in the model's mode."""
-    from gtrain.data import DATASETS, IMAGE_FOLDER_SPEC, eval_transform
-    from gtrain.data.datasets import uint8_eval_transform
+    """`gtrain eval`'s transform for the weights' dataset, for any image: to a uint8 RGB crop
+    (photos), or to a normalised float tensor in the model's mode (small images)."""
+    return _evaluation(meta)[0]
+
+
+def _evaluation(meta: WeightsMeta) -> tuple[Any, bool]:
+    """`image_transform`, and whether it gives uint8 crops for the device to normalise."""
+    from gtrain.data import DATASETS, IMAGE_FOLDER_SPEC
+    from gtrain.data.datasets import evaluation_pipeline
 
     spec = DATASETS.get(meta.dataset, IMAGE_FOLDER_SPEC)
-    if reads_uint8(meta):
-        return uint8_eval_transform(spec, meta.image_size, meta.interpolation, meta.resize_size)
-    steps = list(eval_transform(spec, meta.image_size, meta.interpolation, meta.resize_size).transforms)
+    transform, finish = evaluation_pipeline(spec, meta.image_size, meta.interpolation, meta.resize_size)
+    if finish is not None:
+        return transform, True
+    steps = list(transform.transforms)
     steps[-1] = transforms.Normalize(meta.mean, meta.std)  # the weights' own statistics (the same numbers)
-    return transforms.Compose([ConvertMode("L" if meta.in_chans == 1 else "RGB"), *steps])
+    return transforms.Compose([ConvertMode("L" if meta.in_chans == 1 else "RGB"), *steps]), False
 
 
 class ImageReader:
@@ -95,8 +93,7 @@ class Classifier:
             self.model.to(memory_format=torch.channels_last)
         self.meta, self.device, self.precision, self.channels_last = meta, device, precision, channels_last
         self.weights = weights
-        self.transform = image_transform(meta)
-        self.uint8 = reads_uint8(meta)
+        self.transform, self.uint8 = _evaluation(meta)
         self.read_file = ImageReader(self.transform, self.uint8)
 
     @classmethod

@@ -422,3 +422,10 @@ def test_device_erasing_erases_one_rectangle_per_image_with_probability_p(noise)
         assert 0.8 < values.std() < 1.2
     else:
         assert torch.all(values == 0)
+        # The same draws as torchvision's RandomErasing, image after image.
+        batch = torch.randn(64, 3, 20, 24)
+        torch.manual_seed(1)
+        expected = torch.stack([transforms.RandomErasing(p=0.5, value=0)(image.clone()) for image in batch])
+        torch.manual_seed(1)
+        erase_rectangles(batch, 0.5, noise=False)
+        assert torch.equal(batch, expected)

@@ -165,6 +165,11 @@ class DeviceFinish:
     random_erasing_fill: str = "mean"
     decode_then: Any = None
 
+    @property
+    def decodes_files(self) -> bool:
+        """The batches hold the files' bytes (`EncodedImage`s), for the device to decode."""
+        return self.decode_then is not None
+
 
 @dataclass(frozen=True)
 class BatchAugmentation:
@@ -713,7 +718,7 @@ def _build_image_folder(
         )
     # uint8 batches: files decoded by torchvision.io straight into tensors, or read only
     train_loader = read_image_file if train_finish is not None else None
-    if train_finish is not None and train_finish.decode_then is not None:
+    if train_finish is not None and train_finish.decodes_files:
         train_loader = read_encoded
     train = _load_image_folder(_image_folder_split(root, "train"), train_tf, loader=train_loader)
     val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes,

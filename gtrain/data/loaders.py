@@ -14,7 +14,6 @@ s, rank), so a resumed run also draws exactly the augmentation it would have dra
 """
 
 import copy
-import math
 
 import torch
 from torch.nn import functional as F
@@ -140,7 +139,7 @@ class DeviceBatches:
 
     def __iter__(self):
         for images, labels in self.loader:
-            if self.finish.decode_then is not None:
+            if self.finish.decodes_files:
                 images = torch.stack([self.finish.decode_then(image) for image in decode_on(images, self.device)])
             images = normalize_uint8(images.to(self.device, non_blocking=True), self.scale, self.shift)
             if self.finish.random_erasing > 0:
@@ -176,28 +175,20 @@ def decode_on(encoded: list[EncodedImage], device: torch.device) -> list[torch.T
 
 def erase_rectangles(images: torch.Tensor, p: float, *, noise: bool) -> None:
     """torchvision's RandomErasing (probability p, area 0.02-0.33 of the image, aspect
-    0.3-3.3, up to 10 tries) on each image of a normalised batch, in place, drawn from
-    torch's global generator: the rectangle holds 0, the mean colour, or with `noise`
-    normal noise."""
-    n, channels, height, width = images.shape
-    area = height * width
-    log_ratio = (math.log(0.3), math.log(3.3))
-    for index in range(n):
+    0.3-3.3) on each image of a normalised batch, in place: its own draws of the rectangle
+    (`RandomErasing.get_params`, from torch's global generator), which then holds 0 (the
+    mean colour) or, with `noise`, normal noise drawn on the device."""
+    for image in images:
         if torch.rand(1).item() >= p:
             continue
-        for _ in range(10):  # torchvision's tries before it leaves the image as it is
-            erase_area = area * torch.empty(1).uniform_(0.02, 0.33).item()
-            aspect = math.exp(torch.empty(1).uniform_(*log_ratio).item())
-            h, w = int(round(math.sqrt(erase_area * aspect))), int(round(math.sqrt(erase_area / aspect)))
-            if h < height and w < width:
-                top = int(torch.randint(0, height - h + 1, (1,)).item())
-                left = int(torch.randint(0, width - w + 1, (1,)).item())
-                patch = images[index, :, top : top + h, left : left + w]
-                if noise:
-                    patch.normal_()
-                else:
-                    patch.zero_()
-                break
+        top, left, h, w, fill = transforms.RandomErasing.get_params(image, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=[0.0])
+        if fill is image:
+            continue  # no rectangle fitted in 10 tries: torchvision leaves the image as it is
+        patch = image[:, top : top + h, left : left + w]
+        if noise:
+            patch.normal_()
+        else:
+            patch.zero_()
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,10 +286,9 @@ def build_loaders(data: DataBundle, *, in_memory: str, global_batch: int, seed: 
     if in_memory == "off" or (in_memory == "auto" and data.augmentation is None):
         pin_memory = device.type == "cuda"
         finish = data.train_finish
-        encoded = finish is not None and finish.decode_then is not None
         train_loader, sampler = make_train_loader(
             data.train, global_batch=global_batch, seed=seed, workers=workers, pin_memory=pin_memory, **shard,
-            collate_fn=collate_encoded if encoded else None,
+            collate_fn=collate_encoded if finish is not None and finish.decodes_files else None,
         )  # fmt: skip
         if finish is not None:  # uint8 batches, finished on the device
             train_loader = DeviceBatches(train_loader, finish, device)
