@@ -192,7 +192,8 @@ def run_data_bench(
     """The recipe's training loader as `gtrain fit` builds it (its workers, batch,
     augmentation and path), for `batches` batches after `warmup`, and its model's training
     step on the same device at the same batch."""
-    from gtrain.data.loaders import DeviceBatches, InMemoryLoader, build_loaders
+    from gtrain.data import Pipeline
+    from gtrain.data.loaders import build_loaders
     from gtrain.distributed import World
     from gtrain.train import check_batch_split, load_data
 
@@ -204,20 +205,12 @@ def run_data_bench(
     check_batch_split(recipe, world)
     data = load_data(recipe, world)
     loader, sampler, _ = build_loaders(
-        data, in_memory=recipe.data.in_memory, global_batch=recipe.data.batch_size, seed=train.seed,
-        workers=recipe.data.workers, device=device_, world=world,
+        data, global_batch=recipe.data.batch_size, seed=train.seed, workers=recipe.data.workers, device=device_,
+        world=world,
     )  # fmt: skip
-    decodes_on_device = isinstance(loader, DeviceBatches) and loader.finish.decodes_files
-    if isinstance(loader, InMemoryLoader):
-        path = "on the device (uint8 held there, augmented in batches)"
-    else:
-        if decodes_on_device:
-            kind = "file bytes, JPEGs decoded and augmented on the device, taking turns with the step"
-        elif isinstance(loader, DeviceBatches):
-            kind = "uint8 batches, finished on the device"
-        else:
-            kind = "float32 batches"
-        path = f"DataLoader, {recipe.data.workers} workers, {kind}"
+    decodes_on_device = data.pipeline == Pipeline.DEVICE_DECODE
+    path = f"{data.pipeline} ({data.pipeline.description}"
+    path += ")" if data.pipeline == Pipeline.IN_MEMORY else f", {recipe.data.workers} workers)"
     images, epoch, timed, start = 0, 0, -warmup, time.perf_counter()
     while timed < batches:
         sampler.set_epoch(epoch)

@@ -148,7 +148,9 @@ def eval_(
     path: Annotated[Path, typer.Argument(help="A run folder or a .safetensors file written by gtrain fit.")],
     split: Annotated[str, typer.Option(help="Dataset split to evaluate: test, val or train.")] = "test",
     overrides: SetOption = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 256,
+    batch_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Images per batch; default: the run's data.batch_size, as it validated.")
+    ] = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = None,
     channels_last: ChannelsLastOption = None,

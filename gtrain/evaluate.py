@@ -171,7 +171,7 @@ def run_eval(
     *,
     split: str,
     overrides: list[str],
-    batch_size: int,
+    batch_size: int | None,
     device: str,
     precision: str | None = None,
     channels_last: bool | None = None,
@@ -183,7 +183,8 @@ def run_eval(
 
     Weights in a run folder are scored the way the run validated them: with its precision
     and memory format (from its recipe.toml) unless `precision` / `channels_last` say
-    otherwise; weights elsewhere with "auto" for both. `plot`: also write the confusion
+    otherwise; weights elsewhere with "auto" for both. `batch_size` None: the run's
+    data.batch_size, the batch it validated with. `plot`: also write the confusion
     matrix there as a PNG; `worst`: how many classes to list as the worst.
     """
     from gtrain.data import build_eval_data, check_flip_keeps_the_class
@@ -217,8 +218,9 @@ def run_eval(
     model.to(device_)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    loader = make_eval_loader(dataset, batch_size=batch_size, workers=data.workers, pin_memory=device_.type == "cuda",
-                              finish=finish, device=device_)  # fmt: skip
+    # The run's own batch (its validation's), so that each image is scored in the same batch.
+    loader = make_eval_loader(dataset, batch_size=batch_size or data.batch_size, workers=data.workers,
+                              pin_memory=device_.type == "cuda", finish=finish, device=device_)  # fmt: skip
     result = evaluate(
         model, loader, num_classes=meta.num_classes, device=device_, precision=precision, channels_last=channels_last,
         tta=tta,

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from gtrain import distributed, runtime
 from gtrain.data import batch_mix
 from gtrain.data.loaders import build_loaders
+from gtrain.data.randomness import BATCH_STREAM, drawn_from
 from gtrain.distributed import World
 from gtrain.errors import UserError
 from gtrain.recipe import Recipe
@@ -88,7 +89,7 @@ def _range_test(recipe: Recipe, *, steps: int, start_lr: float, end_lr: float, d
         device=device_, channels_last=channels_last, world=world, pretrained=bool(recipe.model.pretrained),
     )  # fmt: skip
     train_loader, sampler, _ = build_loaders(
-        data, in_memory=recipe.data.in_memory, global_batch=recipe.data.batch_size, seed=train.seed,
+        data, global_batch=recipe.data.batch_size, seed=train.seed,
         workers=recipe.data.workers, device=device_, world=world,
     )  # fmt: skip
     sampler.set_epoch(0, start_step=0)
@@ -109,7 +110,8 @@ def _range_test(recipe: Recipe, *, steps: int, start_lr: float, end_lr: float, d
             group["lr"] = lr
         inputs, targets = runtime.to_device(inputs, targets, device_, channels_last)
         if mix is not None:
-            inputs, targets = mix(inputs, targets)
+            with drawn_from(train.seed, step, world.rank, BATCH_STREAM):  # as `gtrain fit` draws them
+                inputs, targets = mix(inputs, targets)
         with runtime.autocast(device_, precision):
             logits = model(inputs)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=train.label_smoothing)

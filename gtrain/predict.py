@@ -6,7 +6,7 @@ whose row of the dataset table gives the geometry of its evaluation transform. I
 through exactly what `gtrain eval` does to them, in batches from a DataLoader: photos
 (ImageFolder and the "imagenet" style rows) are decoded by torchvision.io, resized and
 centre-cropped as uint8 and normalised on the device; small images (the "cifar" style
-rows) are read by PIL in the model's mode "L" or "RGB", resized and normalised. The model
+rows) are read by PIL in the model's mode "L" or "RGB", resized, and normalised there too. The model
 runs in the precision and memory format the run validated with.
 
     from gtrain import Classifier
@@ -50,36 +50,35 @@ class ConvertMode:
 
 
 def image_transform(meta: WeightsMeta):
-    """`gtrain eval`'s transform for the weights' dataset, for any image: to a uint8 RGB crop
-    (photos), or to a normalised float tensor in the model's mode (small images)."""
+    """`gtrain eval`'s transform for the weights' dataset, for any image: to a uint8 crop in
+    the model's mode, which the device normalises as eval's batches."""
     return _evaluation(meta)[0]
 
 
 def _evaluation(meta: WeightsMeta) -> tuple[Any, bool]:
-    """`image_transform`, and whether it gives uint8 crops for the device to normalise."""
+    """`image_transform`, and whether it takes photos as uint8 RGB tensors (else PIL images,
+    converted to the model's mode first: small images, grayscale or not)."""
     from gtrain.data import DATASETS, IMAGE_FOLDER_SPEC
     from gtrain.data.datasets import evaluation_pipeline
 
     spec = DATASETS.get(meta.dataset, IMAGE_FOLDER_SPEC)
-    transform, finish = evaluation_pipeline(spec, meta.image_size, meta.interpolation, meta.resize_size)
-    if finish is not None:
+    transform, _ = evaluation_pipeline(spec, meta.image_size, meta.interpolation, meta.resize_size)
+    if spec.style != "cifar":
         return transform, True
-    steps = list(transform.transforms)
-    steps[-1] = transforms.Normalize(meta.mean, meta.std)  # the weights' own statistics (the same numbers)
-    return transforms.Compose([ConvertMode("L" if meta.in_chans == 1 else "RGB"), *steps]), False
+    return transforms.Compose([ConvertMode("L" if meta.in_chans == 1 else "RGB"), *transform.transforms]), False
 
 
 class ImageReader:
     """An image file -> what `image_transform` makes of it, decoded as `gtrain eval` decodes
     the weights' dataset. A class, so that DataLoader workers can be started by any method."""
 
-    def __init__(self, transform, uint8: bool):
-        self.transform, self.uint8 = transform, uint8
+    def __init__(self, transform, photo: bool):
+        self.transform, self.photo = transform, photo
 
     def __call__(self, path: Path) -> torch.Tensor:
         from gtrain.data.datasets import read_image_file
 
-        return self.transform(read_image_file(str(path)) if self.uint8 else read_image(path))
+        return self.transform(read_image_file(str(path)) if self.photo else read_image(path))
 
 
 class Classifier:
@@ -93,8 +92,8 @@ class Classifier:
             self.model.to(memory_format=torch.channels_last)
         self.meta, self.device, self.precision, self.channels_last = meta, device, precision, channels_last
         self.weights = weights
-        self.transform, self.uint8 = _evaluation(meta)
-        self.read_file = ImageReader(self.transform, self.uint8)
+        self.transform, self.photo = _evaluation(meta)
+        self.read_file = ImageReader(self.transform, self.photo)
 
     @classmethod
     def load(
@@ -120,11 +119,11 @@ class Classifier:
         if isinstance(image, torch.Tensor):
             # On the CPU, as eval resizes; through PIL unless it is already (3, H, W) for a photo model.
             image = image.cpu()
-            if not (self.uint8 and image.dim() == 3 and image.shape[0] == 3):
+            if not (self.photo and image.dim() == 3 and image.shape[0] == 3):
                 image = to_pil_image(image)
         if isinstance(image, str | Path):
             image = self.read_file(Path(image))
-        elif isinstance(image, Image.Image) and self.uint8:
+        elif isinstance(image, Image.Image) and self.photo:
             image = self.transform(image if image.mode == "RGB" else image.convert("RGB"))
         elif isinstance(image, torch.Tensor | Image.Image):
             image = self.transform(image)  # the PIL path converts to the model's mode itself
@@ -226,7 +225,7 @@ class ImageFiles(Dataset):
         try:
             return self.read_file(self.paths[index]), ""
         except Exception as error:  # PIL raises many types for a bad file; each becomes its record's error
-            blank = torch.zeros(self.shape, dtype=torch.uint8 if self.read_file.uint8 else torch.float32)
+            blank = torch.zeros(self.shape, dtype=torch.uint8)
             return blank, error_line(error, with_type=True)
 
 

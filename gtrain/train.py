@@ -25,8 +25,9 @@ from torch.nn import functional as F
 
 from gtrain import distributed, faults, runtime
 from gtrain.checkpoint import WeightsMeta, load_state, save_state, save_weights, write_text_atomic
-from gtrain.data import DatasetInfo, batch_mix, build_data
+from gtrain.data import DatasetInfo, Pipeline, batch_mix, build_data
 from gtrain.data.loaders import EpochSampler, build_loaders
+from gtrain.data.randomness import BATCH_STREAM, drawn_from
 from gtrain.distributed import World
 from gtrain.errors import UserError, error_line
 from gtrain.evaluate import evaluate
@@ -95,6 +96,7 @@ class StepSettings:
     clip_grad_norm: float | None
     accumulate_steps: int
     mix: Any  # MixUp / CutMix of a batch on the device, or None
+    seed: int  # of the run: the batches' draws for `mix` come from it
     steps_per_epoch: int
     pause_after_s: float  # end a segment this long after it began, to checkpoint
     checkpoint_steps: int | None  # and after every this many steps of the run
@@ -123,7 +125,9 @@ def train_steps(
         data_wait_s += time.perf_counter() - step_end  # the loop stood still waiting for this batch
         inputs, targets = runtime.to_device(inputs, targets, device, settings.channels_last)
         if settings.mix is not None:
-            inputs, targets = settings.mix(inputs, targets)  # targets become soft labels (N, classes)
+            # Drawn from the batch's own stream: the same on a resumed run, whatever ran before.
+            with drawn_from(settings.seed, global_step + steps, world.rank, BATCH_STREAM):
+                inputs, targets = settings.mix(inputs, targets)  # targets become soft labels (N, classes)
 
         loss = torch.zeros((), device=device)
         for index, (chunk_inputs, chunk_targets, share, last) in enumerate(
@@ -368,6 +372,7 @@ class FitSetup:
     info: DatasetInfo
     train_images: int
     val_images: int
+    pipeline: Pipeline  # how the training images are read, augmented, batched and finished
     loaders: tuple[Any, EpochSampler, Any]  # train loader, its sampler, val loader
     meta: WeightsMeta  # what every saved weights file says about itself
     metrics_log: MetricsLog
@@ -405,7 +410,7 @@ def set_up(
         channels_last=channels_last, world=world, pretrained=bool(recipe.model.pretrained) and not resume,
     )  # fmt: skip
     loaders = build_loaders(
-        data, in_memory=recipe.data.in_memory, global_batch=recipe.data.batch_size, seed=train.seed,
+        data, global_batch=recipe.data.batch_size, seed=train.seed,
         workers=recipe.data.workers, device=device_, world=world,
     )  # fmt: skip
     settings = StepSettings(
@@ -414,6 +419,7 @@ def set_up(
         accumulate_steps=train.accumulate_steps, steps_per_epoch=steps_per_epoch,
         mix=batch_mix(mixup_alpha=recipe.data.mixup_alpha, cutmix_alpha=recipe.data.cutmix_alpha, num_classes=info.num_classes),
         pause_after_s=train.checkpoint_minutes * 60, checkpoint_steps=train.checkpoint_steps, world=world,
+        seed=train.seed,
     )  # fmt: skip
     if resume:
         resume_run(run, recipe, paths, world, steps_per_epoch)
@@ -428,7 +434,7 @@ def set_up(
     )  # fmt: skip
     return FitSetup(
         recipe=recipe, paths=paths, world=world, reporter=reporter, run=run, settings=settings, info=info,
-        train_images=len(data.train), val_images=len(data.val), loaders=loaders, meta=meta,
+        train_images=len(data.train), val_images=len(data.val), pipeline=data.pipeline, loaders=loaders, meta=meta,
         metrics_log=MetricsLog(paths, tensorboard=recipe.log.tensorboard, enabled=world.is_main),
         status=RunStatus(paths, facts, enabled=world.is_main), pretrained=pretrained,
     )  # fmt: skip
@@ -464,7 +470,7 @@ def load_data(recipe: Recipe, world: World):
             auto_augment=data_recipe.auto_augment, random_erasing=data_recipe.random_erasing,
             random_erasing_fill=data_recipe.random_erasing_fill, interpolation=data_recipe.interpolation,
             eval_image_size=data_recipe.eval_image_size, eval_resize_size=data_recipe.eval_resize_size,
-            decode=data_recipe.decode,
+            decode=data_recipe.decode, in_memory=data_recipe.in_memory,
         )  # fmt: skip
     if len(data.train) < data_recipe.batch_size:
         raise UserError(
@@ -501,6 +507,8 @@ def start_facts(job: FitSetup, resume: bool) -> dict[str, str]:
         "model": f"{recipe.model.name} ({params / 1e6:.2f}M parameters)",
         "dataset": f"{info.name}: {job.train_images:,} train / {job.val_images:,} val images, "
         f"{info.num_classes} classes, {info.in_chans}x{info.image_size}x{info.image_size}",
+        "data": f"{job.pipeline}: {job.pipeline.description}"
+        + ("" if job.pipeline == Pipeline.IN_MEMORY else f", {recipe.data.workers} workers"),
         "device": f"{settings.device} ({settings.precision}, {'channels_last' if settings.channels_last else 'NCHW'}"
         + (", compiled" if recipe.train.compile else "") + ")",
         "batch": f"{batch} x {settings.steps_per_epoch} steps per epoch"

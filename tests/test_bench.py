@@ -92,8 +92,8 @@ def test_peak_table_tells_close_gpu_names_apart(device_name, precision, peak):
 @pytest.mark.parametrize(
     ("settings", "path"),
     [
-        ([], "on the device"),
-        (["data.dataset=ImageFolder", "data.image_size=16", "data.batch_size=8", "data.workers=0"], "uint8 batches, finished on the device"),
+        ([], "in-memory (uint8 images held on the device"),
+        (["data.dataset=ImageFolder", "data.image_size=16", "data.batch_size=8", "data.workers=0"], "uint8 (uint8 crops"),
     ],
 )
 def test_bench_data_says_whether_the_loader_or_the_model_limits_the_recipe(settings, path, imagefolder_root):

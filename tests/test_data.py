@@ -51,12 +51,16 @@ def test_digits_items_are_8x8_grayscale_images_scaled_to_0_255_with_digit_labels
     assert label in range(10) and digits.classes == [str(d) for d in range(10)]
 
 
-def test_digits_train_and_val_are_one_channel_native_8px_normalized_tensors(tmp_path):
+def test_digits_val_is_one_channel_native_8px_uint8_that_the_device_normalizes(tmp_path):
+    from gtrain.data.loaders import normalize_uint8, uint8_normalization
+
     data = build_data("digits", root=tmp_path, download=False)
     assert data.info.in_chans == 1 and data.info.image_size == 8 and data.info.num_classes == 10
     assert data.info.class_names == tuple("0123456789")
     images = torch.stack([data.val[i][0] for i in range(len(data.val))])
-    assert images.shape == (364, 1, 8, 8) and images.dtype == torch.float32
+    assert images.shape == (364, 1, 8, 8) and images.dtype == torch.uint8
+    finish = data.val_finish
+    images = normalize_uint8(images, *uint8_normalization(finish.mean, finish.std, torch.device("cpu")))
     # Normalized with the training set's statistics, so close to zero mean and unit std.
     assert abs(images.mean().item()) < 0.1 and abs(images.std().item() - 1) < 0.1
 
@@ -387,12 +391,10 @@ def test_decoding_on_the_device_gives_the_batches_of_decoding_in_the_workers(tmp
     for decode in ("cpu", "device"):
         data = build_data("ImageFolder", root=root, download=False, image_size=24, auto_augment="trivialaugment",
                           random_erasing=0.5, decode=decode)  # fmt: skip
-        train, _, _ = build_loaders(data, in_memory="auto", global_batch=8, seed=3, workers=0,
-                                    device=torch.device("cpu"), world=World())  # fmt: skip
-        torch.manual_seed(0)
+        train, _, _ = build_loaders(data, global_batch=8, seed=3, workers=0, device=torch.device("cpu"), world=World())
         batches[decode] = [(images.clone(), labels) for images, labels in train]
     assert len(batches["cpu"]) == 2
-    for (cpu_images, cpu_labels), (device_images, device_labels) in zip(batches["cpu"], batches["device"]):
+    for (cpu_images, cpu_labels), (device_images, device_labels) in zip(batches["cpu"], batches["device"], strict=True):
         assert torch.equal(cpu_labels, device_labels) and torch.equal(cpu_images, device_images)
 
 
@@ -408,10 +410,11 @@ def test_decoding_on_the_device_is_refused_in_one_line_where_it_cannot_run(image
 @pytest.mark.parametrize("noise", [False, True])
 def test_device_erasing_erases_one_rectangle_per_image_with_probability_p(noise):
     from gtrain.data.loaders import erase_rectangles
+    from gtrain.data.randomness import ERASING_STREAM, SampleKey, drawn_from
 
-    torch.manual_seed(0)
     images = torch.full((400, 3, 32, 32), 5.0)
-    erase_rectangles(images, 0.5, noise=noise)
+    keys = [SampleKey(1, i) for i in range(400)]
+    erase_rectangles(images, 0.5, noise=noise, keys=keys, seed=0)
     erased = (images != 5.0).flatten(1)
     share = erased.any(1).float().mean().item()
     assert 0.4 < share < 0.6  # p = 0.5
@@ -422,10 +425,26 @@ def test_device_erasing_erases_one_rectangle_per_image_with_probability_p(noise)
         assert 0.8 < values.std() < 1.2
     else:
         assert torch.all(values == 0)
-        # The same draws as torchvision's RandomErasing, image after image.
+        # The draws of torchvision's RandomErasing, each from the image's own erasing stream.
         batch = torch.randn(64, 3, 20, 24)
-        torch.manual_seed(1)
-        expected = torch.stack([transforms.RandomErasing(p=0.5, value=0)(image.clone()) for image in batch])
-        torch.manual_seed(1)
-        erase_rectangles(batch, 0.5, noise=False)
-        assert torch.equal(batch, expected)
+        expected = []
+        for index, image in enumerate(batch):
+            with drawn_from(3, 1, index, ERASING_STREAM):
+                expected.append(transforms.RandomErasing(p=0.5, value=0)(image.clone()))
+        erase_rectangles(batch, 0.5, noise=False, keys=keys[:64], seed=3)
+        assert torch.equal(batch, torch.stack(expected))
+
+
+def test_device_erasing_of_an_image_does_not_depend_on_its_batch():
+    from gtrain.data.loaders import erase_rectangles
+    from gtrain.data.randomness import SampleKey
+
+    images = torch.randn(8, 3, 16, 16)
+    keys = [SampleKey(0, i) for i in range(8)]
+    whole = images.clone()
+    erase_rectangles(whole, 0.9, noise=True, keys=keys, seed=0)
+    reversed_halves = [images[4:].flip(0).clone(), images[:4].clone()]
+    erase_rectangles(reversed_halves[0], 0.9, noise=True, keys=keys[4:][::-1], seed=0)
+    erase_rectangles(reversed_halves[1], 0.9, noise=True, keys=keys[:4], seed=0)
+    assert torch.equal(torch.cat([reversed_halves[1], reversed_halves[0].flip(0)]), whole)
+    assert not torch.equal(whole, images)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from gtrain.cli import app
-from tests.conftest import tiny_hornet, write_mnist
+from tests.conftest import tiny_hornet, write_image_folder, write_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -183,24 +183,71 @@ def test_unwritable_output_folder_is_one_line(tmp_path, fast):
     assert "cannot write" in result.stderr and "--out" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("decode, workers", [("cpu", 0), ("device", 2)])
-def test_resume_is_bit_exact_on_the_uint8_image_folder_path(tmp_path, imagefolder_root, decode, workers):
-    """Crops, flips, TrivialAugment and noise erasing: all drawn from the generators a
-    checkpoint saves: in the loader with data.workers = 0, or on the device, with any number of
-    workers, when the device decodes (here the CPU, on every host: what is held is where the
-    draws come from, not how a GPU resamples)."""
-    device = ["--set", "train.device=cpu"] if decode == "device" else []
-    common = ["quickstart", *device, "--set", "data.dataset=ImageFolder", "--set", f"data.root={imagefolder_root}",
-              "--set", "data.image_size=16", "--set", "data.batch_size=8", "--set", f"data.workers={workers}",
-              "--set", f"data.decode={decode}",
-              "--set", "model.stage_depths=[1, 1, 1]", "--set", "train.epochs=3", "--set", "train.precision=fp32",
-              "--set", "train.deterministic=true", "--set", "data.auto_augment=trivialaugment",
-              "--set", "data.random_erasing=0.5", "--set", "data.random_erasing_fill=noise"]  # fmt: skip
-    reference, run = tmp_path / "reference", tmp_path / "run"
-    assert gtrain("fit", *common, "--out", reference).returncode == 0
-    # Mid-way through epoch 2 of 3: the resumed run validates, then trains an epoch more.
-    stopped = gtrain("fit", *common, "--out", run, fault="signal-at-step:9:SIGTERM")
-    assert stopped.returncode == 75, stopped.stderr
-    resumed = gtrain("fit", "--resume", run)
+# Each pipeline (gtrain.data.Pipeline) as a user's recipe reaches it: (recipe arguments, steps per epoch).
+PIPELINES = {
+    "in-memory-digits": ["--set", "data.dataset=digits", "--set", "data.batch_size=64"],
+    "uint8-jpeg-trivialaugment-erasing": ["--set", "data.auto_augment=trivialaugment", "--set", "data.random_erasing=0.5",
+                                          "--set", "data.random_erasing_fill=noise"],
+    "float-pil-timm-randaugment": ["--set", "data.auto_augment=rand-m9-mstd0.5-inc1", "--set", "data.random_erasing=0.5"],
+    "device-decode": ["--set", "data.decode=device", "--set", "data.auto_augment=trivialaugment",
+                      "--set", "data.random_erasing=0.5"],
+}  # fmt: skip
+# A checkpoint every few steps; the kill comes after a mid-epoch one, in epoch 2 of 3 (3 of 4 for digits).
+KILL = {"in-memory-digits": (10, 33), "default": (2, 5)}
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """24 training and 12 validation JPEGs of 3 classes at 40 px: 3 steps of 8 per epoch."""
+    return write_image_folder(tmp_path_factory.mktemp("jpegs"), size=40, suffix=".jpg",
+                              images_per_class={"train": 8, "val": 4})  # fmt: skip
+
+
+def pipeline_recipe(name, jpeg_folder):
+    every, _ = KILL.get(name, KILL["default"])
+    common = ["quickstart", "--set", "model.stage_depths=[1, 1, 1]", "--set", "train.precision=fp32",
+              "--set", "train.deterministic=true", "--set", "train.device=cpu", "--set", "train.epochs=3",
+              "--set", f"train.checkpoint_steps={every}"]  # fmt: skip
+    if name != "in-memory-digits":
+        common += ["--set", "data.dataset=ImageFolder", "--set", f"data.root={jpeg_folder}",
+                   "--set", "data.image_size=16", "--set", "data.batch_size=8"]  # fmt: skip
+    return common + PIPELINES[name]
+
+
+@pytest.fixture(scope="module")
+def left_alone(tmp_path_factory, jpeg_folder):
+    """Each pipeline's uninterrupted run, with data.workers = 0: its final weights."""
+    weights = {}
+
+    def reference(name):
+        if name not in weights:
+            out = tmp_path_factory.mktemp(name) / "run"
+            result = gtrain_in_process("fit", *pipeline_recipe(name, jpeg_folder), "--set", "data.workers=0", "--out", out)
+            assert result.returncode == 0, result.stderr
+            weights[name] = load_file(out / "final.safetensors")
+        return weights[name]
+
+    return reference
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "workers", "resumed_workers"),
+    [("in-memory-digits", 0, 0), *((name, w, w) for name in list(PIPELINES)[1:] for w in (0, 2)),
+     ("uint8-jpeg-trivialaugment-erasing", 2, 0)],
+)  # fmt: skip
+def test_a_killed_run_resumes_bit_exact_on_every_pipeline_with_any_workers(
+    tmp_path, jpeg_folder, left_alone, pipeline, workers, resumed_workers
+):
+    """SIGKILL in the middle of an epoch, after a mid-epoch checkpoint; `gtrain fit --resume`
+    ends with the weights of the run left alone, tensor for tensor, whatever the number of
+    workers before and after: every draw of the augmentation belongs to its image."""
+    _, kill_at = KILL.get(pipeline, KILL["default"])
+    run = tmp_path / "run"
+    killed = gtrain("fit", *pipeline_recipe(pipeline, jpeg_folder), "--set", f"data.workers={workers}", "--out", run,
+                    fault=f"kill-at-step:{kill_at}")  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    if pipeline != "in-memory-digits":
+        assert f"{workers} workers" in killed.stdout  # the start panel names the pipeline
+    resumed = gtrain_in_process("fit", "--resume", run, "--set", f"data.workers={resumed_workers}")
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_weights(load_file(run / "final.safetensors"), load_file(reference / "final.safetensors"))
+    assert_same_weights(load_file(run / "final.safetensors"), left_alone(pipeline))

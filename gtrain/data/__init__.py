@@ -10,10 +10,12 @@ from gtrain.data.datasets import (
     DatasetInfo,
     DatasetSpec,
     Digits,
+    Pipeline,
     batch_mix,
     build_data,
     build_eval_data,
     check_flip_keeps_the_class,
+    choose_pipeline,
     eval_transform,
     list_datasets,
     train_transform,
@@ -21,5 +23,6 @@ from gtrain.data.datasets import (
 
 __all__ = [
     "DATASETS", "IMAGE_FOLDER", "IMAGE_FOLDER_SPEC", "BatchAugmentation", "DataBundle", "DatasetInfo", "DatasetSpec",
-    "Digits", "batch_mix", "build_data", "build_eval_data", "check_flip_keeps_the_class", "eval_transform", "list_datasets", "train_transform",
+    "Digits", "Pipeline", "batch_mix", "build_data", "build_eval_data", "check_flip_keeps_the_class", "choose_pipeline",
+    "eval_transform", "list_datasets", "train_transform",
 ]  # fmt: skip

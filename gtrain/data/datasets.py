@@ -13,6 +13,7 @@ real data that needs no download, so it is the offline default.
 Read top to bottom: the table, the digits dataset, the transforms, the builders.
 """
 
+import enum
 import functools
 import io
 from dataclasses import dataclass
@@ -140,14 +141,14 @@ class DataBundle:
     info: DatasetInfo
     train: Dataset  # items (float tensor C,H,W normalized, int label); augmented when augment=True
     val: Dataset  # the evaluation transform, never augmented
-    # Small fixed-size images (the "cifar" style rows) can live on the device as uint8 and be
-    # augmented there in batches (gtrain.data.loaders); None for the others, and then:
+    pipeline: "Pipeline"  # how the training images are read, augmented, batched and finished
+    # The "in-memory" pipeline's crop and flip, as numbers its batched implementation needs.
     augmentation: "BatchAugmentation | None" = None
-    not_in_memory_because: str = ""  # why they cannot, for the error of data.in_memory = "on"
-    interpolation: str = "bilinear"  # how the on-device path resizes them, as the transforms do
-    # Set where the DataLoader's batches are uint8 (C, H, W) images (photos: ImageFolder and
-    # the "imagenet" style rows): what the device does to each batch before the step or the
-    # evaluation (gtrain.data.loaders.DeviceBatches).
+    interpolation: str = "bilinear"  # how the in-memory pipeline resizes, as the transforms do
+    # Where the DataLoader's batches are uint8 (C, H, W) images: what the device does to each
+    # batch before the step or the evaluation (gtrain.data.loaders.DeviceBatches). Evaluation
+    # batches are always uint8, so validation, `gtrain eval` and `gtrain predict` compute the
+    # same inputs.
     train_finish: "DeviceFinish | None" = None
     val_finish: "DeviceFinish | None" = None
 
@@ -444,21 +445,85 @@ def read_encoded(path: str) -> EncodedImage:
 Decode = Literal["cpu", "device"]
 
 
+class Pipeline(enum.StrEnum):
+    """How training images reach the model. `choose_pipeline` decides it, once per run, and
+    everything else (the datasets' transforms, the loaders, the start panel, `gtrain bench
+    --data`) reads it from the `DataBundle`."""
+
+    IN_MEMORY = "in-memory"
+    FLOAT = "float"
+    UINT8 = "uint8"
+    DEVICE_DECODE = "device-decode"
+
+    @property
+    def description(self) -> str:
+        return {
+            "in-memory": "uint8 images held on the device, augmented and normalised there in batches",
+            "float": "PIL images augmented to normalised float in the DataLoader's workers",
+            "uint8": "uint8 crops from the DataLoader's workers, normalised and erased on the device",
+            "device-decode": "file bytes from the DataLoader's workers, decoded and augmented on the device",
+        }[self.value]
+
+
+def choose_pipeline(
+    dataset: str, *, in_memory: str = "auto", augment: bool = True, auto_augment: AutoAugment = "none",
+    random_erasing: float = 0.0, decode: Decode = "cpu",
+) -> Pipeline:  # fmt: skip
+    """The pipeline for a recipe's data section:
+    - small fixed-size images ("cifar" style rows) live on the device as uint8 and are
+      augmented there in batches, unless a per-image policy or erasing asks for PIL
+      transforms in the workers (or data.in_memory = "off");
+    - photos (ImageFolder, "imagenet" style rows) come as uint8 crops from the workers and
+      are finished on the device; timm's RandAugment, which works on PIL images, keeps the
+      float path; data.decode = "device" sends the files' bytes for the device to decode.
+    A setting that cannot be honoured is one line saying which and why."""
+    name = _canonical_name(dataset)
+    spec = DATASETS.get(name, IMAGE_FOLDER_SPEC)
+    timm_policy = augment and auto_augment not in TORCHVISION_POLICIES
+    if decode == "device":
+        if name != IMAGE_FOLDER:
+            raise UserError(
+                f"data.decode = 'device' decodes image files, and {name} gives decoded images: "
+                "set data.decode = 'cpu', or export the images to an ImageFolder"
+            )
+        if timm_policy:
+            raise UserError(
+                f"data.decode = 'device' runs torchvision's augmentation on the device, and data.auto_augment = "
+                f"{auto_augment!r} is timm's, which runs on PIL images: set data.decode = 'cpu'"
+            )
+    if spec.style == "cifar":
+        per_image = augment and (auto_augment != "none" or random_erasing > 0)
+        if in_memory == "on" and per_image:
+            raise UserError(
+                "data.in_memory = 'on' cannot be used: data.auto_augment and data.random_erasing run per image; "
+                "set data.in_memory = 'auto' or 'off'"
+            )
+        return Pipeline.FLOAT if per_image or in_memory == "off" else Pipeline.IN_MEMORY
+    if in_memory == "on":
+        raise UserError(
+            f"data.in_memory = 'on' cannot be used: it is for small fixed-size datasets, which {name} is not; "
+            "set data.in_memory = 'auto' or 'off'"
+        )
+    if decode == "device":
+        return Pipeline.DEVICE_DECODE
+    return Pipeline.FLOAT if timm_policy else Pipeline.UINT8
+
+
 def training_pipeline(
-    spec: DatasetSpec, size: int, *, augment: bool, interpolation: Interpolation, auto_augment: AutoAugment,
-    random_erasing: float, random_erasing_fill: ErasingFill, decode: Decode = "cpu",
+    spec: DatasetSpec, size: int, pipeline: Pipeline, *, augment: bool, interpolation: Interpolation,
+    auto_augment: AutoAugment, random_erasing: float, random_erasing_fill: ErasingFill,
 ) -> tuple[Any, "DeviceFinish | None"]:  # fmt: skip
-    """The training transform, and what the device finishes when it yields uint8 (else None).
-    Unaugmented, training images keep the training size, whatever the evaluation's. With
-    `decode = "device"` the transform is None: the items are `EncodedImage`s and the device
-    decodes and augments them (`DeviceFinish.decode_then`)."""
-    if uses_uint8_batches(spec, augment, auto_augment):
+    """The training transform of `pipeline`, and what the device finishes where its batches
+    are uint8 (else None). Unaugmented, training images keep the training size, whatever the
+    evaluation's. On the device-decode pipeline the transform is None: the items are
+    `EncodedImage`s and the device decodes and augments them (`DeviceFinish.decode_then`)."""
+    if pipeline in (Pipeline.UINT8, Pipeline.DEVICE_DECODE):
         if augment:
             transform = uint8_train_transform(spec, size, auto_augment=auto_augment, interpolation=interpolation)
         else:
             transform = uint8_eval_transform(spec, size, interpolation)
         erasing = (random_erasing, random_erasing_fill) if augment else (0.0, "mean")
-        if decode == "device":
+        if pipeline == Pipeline.DEVICE_DECODE:
             return None, DeviceFinish(spec.stats.mean, spec.stats.std, *erasing, decode_then=transform)
         return transform, DeviceFinish(spec.stats.mean, spec.stats.std, *erasing)
     if not augment:
@@ -469,18 +534,16 @@ def training_pipeline(
 
 def evaluation_pipeline(
     spec: DatasetSpec, size: int, interpolation: Interpolation, resize_size: int | None = None
-) -> tuple[Any, "DeviceFinish | None"]:
-    """The evaluation transform, and the device's normalisation where it yields uint8 (photos)."""
+) -> tuple[Any, "DeviceFinish"]:
+    """The evaluation transform, to uint8 (C, H, W), and the device's normalisation of its
+    batches: one computation for validation (in memory or through a DataLoader), `gtrain
+    eval` and `gtrain predict`, so that their inputs agree to the bit."""
+    finish = DeviceFinish(spec.stats.mean, spec.stats.std)
     if spec.style == "cifar":
-        return eval_transform(spec, size, interpolation, resize_size), None
-    return uint8_eval_transform(spec, size, interpolation, resize_size), DeviceFinish(spec.stats.mean, spec.stats.std)
-
-
-def uses_uint8_batches(spec: DatasetSpec, augment: bool, auto_augment: AutoAugment) -> bool:
-    """Batches go through the DataLoader as uint8 for cropped data ("imagenet" style);
-    training with timm's RandAugment, which works on PIL images, keeps the float path, as do
-    the small "cifar" style images, for which PIL's per-image transforms cost little."""
-    return spec.style != "cifar" and (not augment or auto_augment in TORCHVISION_POLICIES)
+        resample = transforms.InterpolationMode(interpolation)
+        # As `load_uint8` holds them in memory: PIL's resize, then the pixels as they are.
+        return transforms.Compose([transforms.Resize((size, size), interpolation=resample), transforms.PILToTensor()]), finish
+    return uint8_eval_transform(spec, size, interpolation, resize_size), finish
 
 
 def eval_transform(
@@ -510,9 +573,6 @@ def _to_normalized_tensor(spec: DatasetSpec) -> list[Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-_NOT_SMALL = "it is for small fixed-size datasets, which {name} is not"
-
-
 def build_data(
     dataset: str,
     *,
@@ -528,52 +588,48 @@ def build_data(
     eval_image_size: int | None = None,
     eval_resize_size: int | None = None,
     decode: Decode = "cpu",
+    in_memory: str = "auto",
 ) -> DataBundle:
     """The train set (augmented when `augment`) and the `val_split` set (never augmented),
     evaluated at `eval_image_size` (default: the training size), resized first to
-    `eval_resize_size` where the data is cropped (ImageFolder and photo datasets).
-
-    `auto_augment` and `random_erasing` are per-image transforms: with either, the data
-    comes through a DataLoader (`augmentation` is None), not the batched in-memory path.
+    `eval_resize_size` where the data is cropped (ImageFolder and photo datasets), with the
+    pipeline `choose_pipeline` picks for these settings.
 
     `val_split="test"` falls back to "val" for data without a test split (Imagenette, an
     ImageFolder without test/).
-
-    `decode = "device"`: the training images of an ImageFolder are decoded on the device
-    (see `DeviceFinish`); validation always decodes on the CPU, as `gtrain eval` does.
     """
+    pipeline = choose_pipeline(dataset, in_memory=in_memory, augment=augment, auto_augment=auto_augment,
+                               random_erasing=random_erasing, decode=decode)  # fmt: skip
     name = _canonical_name(dataset)
     root = Path(root)
     per_image = dict(auto_augment=auto_augment, random_erasing=random_erasing, random_erasing_fill=random_erasing_fill)
-    evaluation = dict(eval_image_size=eval_image_size, eval_resize_size=eval_resize_size)
-    if name == IMAGE_FOLDER:
-        return _build_image_folder(root, image_size=image_size, augment=augment, val_split=val_split,
-                                   interpolation=interpolation, decode=decode, **evaluation, **per_image)  # fmt: skip
-    if decode == "device":
-        raise UserError(
-            f"data.decode = 'device' decodes image files, and {name} gives decoded images: "
-            "set data.decode = 'cpu', or export the images to an ImageFolder"
-        )
-    spec = DATASETS[name]
+    spec = DATASETS.get(name, IMAGE_FOLDER_SPEC)
     size = _image_size(image_size, spec)
-    val_split = _resolve_split(name, val_split, spec.splits)
     if spec.style == "cifar" and (eval_image_size not in (None, size) or eval_resize_size is not None):
         raise UserError(
             f"data.eval_image_size and data.eval_resize_size are for data that is cropped to be evaluated "
             f"(ImageFolder, photo datasets); {name} is evaluated whole at data.image_size: leave them unset"
         )
     evaluate, val_finish = evaluation_pipeline(spec, eval_image_size or size, interpolation, eval_resize_size)
-    train_tf, train_finish = training_pipeline(spec, size, augment=augment, interpolation=interpolation, **per_image)
-    train = _load(name, spec.splits["train"], root=root, download=download, transform=train_tf)
-    val = _load(name, spec.splits[val_split], root=root, download=download, transform=evaluate)
-    info = _table_info(name, spec, size, train)
-    if spec.style != "cifar":
-        return DataBundle(info, train, val, None, _NOT_SMALL.format(name=name), train_finish=train_finish,
-                          val_finish=val_finish)  # fmt: skip
-    if augment and (auto_augment != "none" or random_erasing > 0):
-        return DataBundle(info, train, val, None, "data.auto_augment and data.random_erasing run per image")
-    batched = BatchAugmentation(pad=max(1, size // 8) if augment else 0, flip=spec.flip and augment)
-    return DataBundle(info, train, val, batched, interpolation=interpolation)
+    train_tf, train_finish = training_pipeline(spec, size, pipeline, augment=augment, interpolation=interpolation,
+                                               **per_image)  # fmt: skip
+    if name == IMAGE_FOLDER:
+        # Photos in the workers: torchvision.io decodes them straight into uint8 tensors, or
+        # they are only read, for the device to decode.
+        train_loader = {Pipeline.UINT8: read_image_file, Pipeline.DEVICE_DECODE: read_encoded}.get(pipeline)
+        train = _load_image_folder(_image_folder_split(root, "train"), train_tf, loader=train_loader)
+        val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes,
+                                 loader=read_image_file)  # fmt: skip
+        info = _image_folder_info(size, train.classes)
+    else:
+        val_split = _resolve_split(name, val_split, spec.splits)
+        train = _load(name, spec.splits["train"], root=root, download=download, transform=train_tf)
+        val = _load(name, spec.splits[val_split], root=root, download=download, transform=evaluate)
+        info = _table_info(name, spec, size, train)
+    batched = None
+    if pipeline == Pipeline.IN_MEMORY:
+        batched = BatchAugmentation(pad=max(1, size // 8) if augment else 0, flip=spec.flip and augment)
+    return DataBundle(info, train, val, pipeline, batched, interpolation, train_finish=train_finish, val_finish=val_finish)
 
 
 def build_eval_data(
@@ -701,30 +757,6 @@ def _class_names(data: Dataset, num_classes: int) -> tuple[str, ...]:
 
 
 # ImageFolder ---------------------------------------------------------------------------------
-
-
-def _build_image_folder(
-    root: Path, *, image_size: int | None, augment: bool, val_split: str, interpolation: Interpolation,
-    eval_image_size: int | None, eval_resize_size: int | None, decode: Decode, **per_image: Any,
-) -> DataBundle:  # fmt: skip
-    size = _image_size(image_size, IMAGE_FOLDER_SPEC)
-    evaluate, val_finish = evaluation_pipeline(IMAGE_FOLDER_SPEC, eval_image_size or size, interpolation, eval_resize_size)
-    train_tf, train_finish = training_pipeline(IMAGE_FOLDER_SPEC, size, augment=augment, interpolation=interpolation,
-                                               decode=decode, **per_image)  # fmt: skip
-    if decode == "device" and train_finish is None:
-        raise UserError(
-            f"data.decode = 'device' runs torchvision's augmentation on the device, and data.auto_augment = "
-            f"{per_image['auto_augment']!r} is timm's, which runs on PIL images: set data.decode = 'cpu'"
-        )
-    # uint8 batches: files decoded by torchvision.io straight into tensors, or read only
-    train_loader = read_image_file if train_finish is not None else None
-    if train_finish is not None and train_finish.decodes_files:
-        train_loader = read_encoded
-    train = _load_image_folder(_image_folder_split(root, "train"), train_tf, loader=train_loader)
-    val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes,
-                             loader=read_image_file)  # fmt: skip
-    return DataBundle(_image_folder_info(size, train.classes), train, val, None, _NOT_SMALL.format(name=IMAGE_FOLDER),
-                      train_finish=train_finish, val_finish=val_finish)  # fmt: skip
 
 
 def _image_folder_split(root: Path, split: str) -> Path:

@@ -1,28 +1,35 @@
-"""Batches for training and evaluation: one builder decides once where the data lives.
+"""Batches for training and evaluation, as the data's pipeline (`DataBundle.pipeline`) says.
 
-Two paths give the same batches of (normalized float images, labels):
-- on the device: small fixed-size datasets (digits, the MNIST family, CIFAR, SVHN, ...) are
-  decoded once into a (N, C, H, W) uint8 tensor there, and every batch is cropped, flipped
-  and normalized in one go, with no worker processes: per-image PIL transforms would cost
-  more than the model step;
-- DataLoaders with workers for everything else.
+Two ways give the same batches of (normalized float images, labels):
+- on the device ("in-memory"): small fixed-size datasets (digits, the MNIST family, CIFAR,
+  SVHN, ...) are decoded once into a (N, C, H, W) uint8 tensor there, and every batch is
+  cropped, flipped and normalized in one go, with no worker processes: per-image PIL
+  transforms would cost more than the model step;
+- DataLoaders with workers for everything else, whose uint8 batches the device finishes.
 
 The training order is a pure function of (seed, epoch), and a loader can start in the
-middle of an epoch, so a resumed run sees exactly the batches it would have seen. On the
-device, the random crop and flip of step s come from a generator seeded by (seed, epoch,
-s, rank), so a resumed run also draws exactly the augmentation it would have drawn.
+middle of an epoch, so a resumed run sees exactly the batches it would have seen. Every
+random draw of an image's augmentation is a pure function of (seed, epoch, image)
+(gtrain.data.randomness), whichever worker or process makes it, so a resumed run also
+draws exactly the augmentation it would have drawn, with any number of workers.
+
+Evaluation batches depend on the split and the batch size only: batch i holds images
+[i * B, (i + 1) * B), and under torch.distributed process r scores batches r, r + N, ...,
+so every image is scored in the same batch as in one process, and by `gtrain eval`.
 """
 
 import copy
 
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from gtrain.data.datasets import BatchAugmentation, DataBundle, DeviceFinish, EncodedImage, decode_image_data
+from gtrain.data.datasets import (
+    BatchAugmentation, DataBundle, DeviceFinish, EncodedImage, Pipeline, decode_image_data,
+)  # fmt: skip
+from gtrain.data.randomness import ERASING_STREAM, SAMPLE_STREAM, SampleKey, SeededBySample, drawn_from, seed_of
 from gtrain.distributed import World
-from gtrain.errors import UserError
 
 
 class EpochSampler(Sampler[int]):
@@ -59,8 +66,13 @@ class EpochSampler(Sampler[int]):
         batches = batches.view(self.steps, self.world_size, -1)  # (step, process, image)
         return batches[self.start_step :, self.rank].flatten()
 
+    def keys(self) -> list[SampleKey]:
+        """`indices()` with the epoch: what the dataset is indexed with, so that each image's
+        augmentation is drawn from its own stream (`SeededBySample`)."""
+        return [SampleKey(self.epoch, index) for index in self.indices().tolist()]
+
     def __iter__(self):
-        return iter(self.indices().tolist())
+        return iter(self.keys())
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * (self.global_batch // self.world_size)
@@ -72,7 +84,7 @@ def make_train_loader(
 ):  # fmt: skip
     sampler = EpochSampler(len(dataset), seed, global_batch=global_batch, rank=rank, world_size=world_size)
     loader = DataLoader(
-        dataset,
+        SeededBySample(dataset, seed),
         batch_size=global_batch // world_size,
         sampler=sampler,  # whole batches only: the sampler drops the epoch's remainder
         num_workers=workers,
@@ -80,26 +92,30 @@ def make_train_loader(
         collate_fn=collate_fn,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        # Its own generator: otherwise every new epoch iterator draws a worker seed from
-        # the global RNG and shifts the augmentation of a resumed run.
+        # Its own generator: a new iterator draws its workers' seeds from it, and would
+        # otherwise draw from the global RNG. Nothing is augmented from those seeds.
         generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler
 
 
+def evaluation_batches(size: int, batch_size: int, *, rank: int = 0, world_size: int = 1) -> list[range]:
+    """The batches process `rank` of `world_size` scores: batch i is images [i * B, (i + 1) * B)
+    of the split (the last one partial), and process r takes batches r, r + N, r + 2N, ...:
+    every image exactly once, in the batch one process would score it in."""
+    starts = range(0, size, batch_size)
+    return [range(start, min(start + batch_size, size)) for start in starts[rank::world_size]]
+
+
 def make_eval_loader(
-    dataset: Dataset, *, batch_size: int, workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1,
-    finish: DeviceFinish | None = None, device: torch.device | None = None,
+    dataset: Dataset, *, batch_size: int, workers: int, pin_memory: bool, finish: DeviceFinish, device: torch.device,
+    rank: int = 0, world_size: int = 1,
 ):  # fmt: skip
-    """Under torch.distributed, process r evaluates images r, r + N, r + 2N, ...: every image
-    exactly once, with no padding, so the reduced metrics equal a single process's. With
-    `finish` (uint8 items), the batches are normalised on `device`."""
-    if world_size > 1:
-        dataset = Subset(dataset, range(rank, len(dataset), world_size))
+    """Batches of `dataset` (uint8 items), normalised on `device` by `finish`; under
+    torch.distributed this process's share of them (`evaluation_batches`)."""
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=evaluation_batches(len(dataset), batch_size, rank=rank, world_size=world_size),
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
@@ -107,7 +123,7 @@ def make_eval_loader(
         # a resumed run would draw it from the global RNG where the run it resumes did not.
         generator=torch.Generator(),
     )
-    return loader if finish is None else DeviceBatches(loader, finish, device)
+    return DeviceBatches(loader, finish, device)
 
 
 def uint8_normalization(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,23 +144,39 @@ class DeviceBatches:
     the device (pinned and non-blocking on CUDA, so the copy overlaps the step before it),
     made float and normalised there, and erased per image where the recipe asks. With
     `finish.decode_then` the workers send the files' bytes: the device decodes the batch
-    (nvJPEG on CUDA, in one call) and augments each image before the rest."""
+    (nvJPEG on CUDA, in one call) and augments each image before the rest.
 
-    def __init__(self, loader: DataLoader, finish: DeviceFinish, device: torch.device):
+    In training, `sampler` says which images each batch holds, so that the augmentation
+    done here is drawn from each image's own stream, as the workers' is."""
+
+    def __init__(self, loader: DataLoader, finish: DeviceFinish, device: torch.device, *,
+                 sampler: "EpochSampler | None" = None, seed: int = 0):  # fmt: skip
         self.loader, self.finish, self.device = loader, finish, device
+        self.sampler, self.seed = sampler, seed
         self.scale, self.shift = uint8_normalization(finish.mean, finish.std, device)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        for images, labels in self.loader:
+        # The DataLoader takes its batches from the same sampler, in order.
+        keys = self.sampler.keys() if self.sampler is not None else []
+        batch_size = self.loader.batch_size or 0
+        for step, (images, labels) in enumerate(self.loader):
+            batch_keys = keys[step * batch_size : (step + 1) * batch_size]
             if self.finish.decodes_files:
-                images = torch.stack([self.finish.decode_then(image) for image in decode_on(images, self.device)])
+                images = torch.stack([self._augment(image, key) for image, key in
+                                      zip(decode_on(images, self.device), batch_keys, strict=True)])  # fmt: skip
             images = normalize_uint8(images.to(self.device, non_blocking=True), self.scale, self.shift)
             if self.finish.random_erasing > 0:
-                erase_rectangles(images, self.finish.random_erasing, noise=self.finish.random_erasing_fill == "noise")
+                erase_rectangles(images, self.finish.random_erasing, noise=self.finish.random_erasing_fill == "noise",
+                                 keys=batch_keys, seed=self.seed)  # fmt: skip
             yield images, labels.to(self.device, non_blocking=True)
+
+    def _augment(self, image: torch.Tensor, key: SampleKey) -> torch.Tensor:
+        """The workers' transform, on the device: the same draws from the image's stream."""
+        with drawn_from(self.seed, key.epoch, key.index, SAMPLE_STREAM):
+            return self.finish.decode_then(image)
 
 
 def collate_encoded(items: list[tuple[EncodedImage, int]]) -> tuple[list[EncodedImage], torch.Tensor]:
@@ -173,20 +205,24 @@ def decode_on(encoded: list[EncodedImage], device: torch.device) -> list[torch.T
     return images
 
 
-def erase_rectangles(images: torch.Tensor, p: float, *, noise: bool) -> None:
+def erase_rectangles(images: torch.Tensor, p: float, *, noise: bool, keys: list[SampleKey], seed: int) -> None:
     """torchvision's RandomErasing (probability p, area 0.02-0.33 of the image, aspect
     0.3-3.3) on each image of a normalised batch, in place: its own draws of the rectangle
-    (`RandomErasing.get_params`, from torch's global generator), which then holds 0 (the
-    mean colour) or, with `noise`, normal noise drawn on the device."""
-    for image in images:
-        if torch.rand(1).item() >= p:
-            continue
-        top, left, h, w, fill = transforms.RandomErasing.get_params(image, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=[0.0])
+    (`RandomErasing.get_params`), from the image's erasing stream of (seed, epoch, index),
+    which then holds 0 (the mean colour) or, with `noise`, normal noise drawn on the device
+    from a stream of its own."""
+    for image, key in zip(images, keys, strict=True):
+        stream = (seed, key.epoch, key.index, ERASING_STREAM)
+        with drawn_from(*stream):
+            if torch.rand(1).item() >= p:
+                continue
+            top, left, h, w, fill = transforms.RandomErasing.get_params(image, scale=(0.02, 0.33), ratio=(0.3, 3.3),
+                                                                        value=[0.0])  # fmt: skip
         if fill is image:
             continue  # no rectangle fitted in 10 tries: torchvision leaves the image as it is
         patch = image[:, top : top + h, left : left + w]
         if noise:
-            patch.normal_()
+            patch.normal_(generator=torch.Generator(image.device).manual_seed(seed_of(*stream, 1)))
         else:
             patch.zero_()
 
@@ -212,7 +248,7 @@ class InMemoryLoader:
     """Batches of (normalized float images, labels) from uint8 tensors on the device.
 
     With a `sampler` it trains (shuffled order, shards under torchrun, augmentation);
-    without one it evaluates the images in order.
+    without one it evaluates `batches` (`evaluation_batches`) in order.
     """
 
     def __init__(
@@ -226,12 +262,15 @@ class InMemoryLoader:
         sampler: EpochSampler | None = None,
         augmentation: BatchAugmentation | None = None,
         seed: int = 0,
+        batches: list[range] | None = None,
     ):
         self.images, self.labels = images, labels
         self.batch_size = batch_size
+        self.batches = batches if batches is not None else evaluation_batches(len(labels), batch_size)
         self.sampler = sampler
         self.augmentation = augmentation if sampler is not None else None
         self.seed = seed
+        self._draws, self._draws_epoch = None, None
         device = images.device
         # Normalize in one multiply-add: (x / 255 - mean) / std.
         self.scale, self.shift = uint8_normalization(mean, std, device)
@@ -239,66 +278,72 @@ class InMemoryLoader:
     def __len__(self) -> int:
         if self.sampler is not None:
             return len(self.sampler) // self.batch_size  # the sampler yields whole batches
-        return -(-len(self.labels) // self.batch_size)  # evaluation keeps the last partial batch
+        return len(self.batches)
 
     def __iter__(self):
         if self.sampler is None:
-            order, first_step = torch.arange(len(self.labels)), 0
-        else:
-            order, first_step = self.sampler.indices(), self.sampler.start_step
-        order = order.to(self.images.device)
+            for batch in self.batches:
+                images = self.images[batch.start : batch.stop]
+                yield normalize_uint8(images, self.scale, self.shift), self.labels[batch.start : batch.stop]
+            return
+        order = self.sampler.indices().to(self.images.device)
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             images = self.images[index]
             if self.augmentation is not None:
-                images = self._augment(images, step=first_step + i)
+                images = self._augment(images, self._draws_of(self.sampler.epoch)[index])
             yield normalize_uint8(images, self.scale, self.shift), self.labels[index]
 
-    def _augment(self, images: torch.Tensor, step: int) -> torch.Tensor:
-        """Random crop after zero padding, and random horizontal flip, per image."""
-        sampler = self.sampler
-        generator = torch.Generator().manual_seed(
-            hash((self.seed, sampler.epoch, step, sampler.rank)) % (2**63)
-        )
+    def _draws_of(self, epoch: int) -> torch.Tensor:
+        """(N, 3) int64 on the device: every training image's crop offsets (dy, dx) and flip
+        (0 or 1) in `epoch`, drawn at once from (seed, epoch): a pure function of (seed,
+        epoch, image), whatever the step or the process that trains on it."""
+        if self._draws_epoch != epoch:
+            generator = torch.Generator().manual_seed(seed_of(self.seed, epoch, SAMPLE_STREAM))
+            n, pad = len(self.labels), self.augmentation.pad
+            offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
+            flips = torch.randint(0, 2, (n, 1), generator=generator)
+            self._draws, self._draws_epoch = torch.cat([offsets, flips], dim=1).to(self.images.device), epoch
+        return self._draws
+
+    def _augment(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """Random crop after zero padding, and random horizontal flip, per image, as `draws`
+        (rows of `_draws_of`) say."""
         n, _, h, w = images.shape
         pad = self.augmentation.pad
         if pad:
             padded = F.pad(images, (pad, pad, pad, pad))  # (N, C, H + 2p, W + 2p), zeros outside
-            dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(images.device)
+            dy, dx = draws[:, 0], draws[:, 1]
             rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (N, 1, H, 1)
             cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (N, 1, 1, W)
             batch = torch.arange(n, device=images.device)[:, None, None, None]
             channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
             images = padded[batch, channel, rows, cols]  # (N, C, H, W)
         if self.augmentation.flip:
-            flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+            flip = draws[:, 2].bool()
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         return images
 
 
-def build_loaders(data: DataBundle, *, in_memory: str, global_batch: int, seed: int, workers: int,
-                  device: torch.device, world: World):  # fmt: skip
-    """(train loader, its sampler, val loader) yielding global_batch / world.size images per
-    process: on the device when `in_memory` is "on", or "auto" and the data is small and
-    fixed-size (`data.augmentation` says so), else DataLoaders with `workers` processes."""
+def build_loaders(data: DataBundle, *, global_batch: int, seed: int, workers: int, device: torch.device,
+                  world: World):  # fmt: skip
+    """(train loader, its sampler, val loader) for `data.pipeline`: training batches of
+    global_batch / world.size images per process, validation batches of global_batch images
+    (`evaluation_batches`), on the device or from DataLoaders with `workers` processes."""
     batch_size = global_batch // world.size
     shard = dict(rank=world.rank, world_size=world.size)
-    if in_memory == "off" or (in_memory == "auto" and data.augmentation is None):
+    if data.pipeline != Pipeline.IN_MEMORY:
         pin_memory = device.type == "cuda"
         finish = data.train_finish
         train_loader, sampler = make_train_loader(
             data.train, global_batch=global_batch, seed=seed, workers=workers, pin_memory=pin_memory, **shard,
-            collate_fn=collate_encoded if finish is not None and finish.decodes_files else None,
+            collate_fn=collate_encoded if data.pipeline == Pipeline.DEVICE_DECODE else None,
         )  # fmt: skip
         if finish is not None:  # uint8 batches, finished on the device
-            train_loader = DeviceBatches(train_loader, finish, device)
-        val_loader = make_eval_loader(data.val, batch_size=batch_size, workers=workers, pin_memory=pin_memory, **shard,
-                                      finish=data.val_finish, device=device)  # fmt: skip
+            train_loader = DeviceBatches(train_loader, finish, device, sampler=sampler, seed=seed)
+        val_loader = make_eval_loader(data.val, batch_size=global_batch, workers=workers, pin_memory=pin_memory,
+                                      finish=data.val_finish, device=device, **shard)  # fmt: skip
         return train_loader, sampler, val_loader
-    if data.augmentation is None:
-        raise UserError(
-            f"data.in_memory = 'on' cannot be used: {data.not_in_memory_because}; set data.in_memory = 'auto' or 'off'"
-        )
     info = data.info
     sampler = EpochSampler(len(data.train), seed, global_batch=global_batch, **shard)
     train_images, train_labels = load_uint8(data.train, info.image_size, device, data.interpolation)
@@ -308,8 +353,6 @@ def build_loaders(data: DataBundle, *, in_memory: str, global_batch: int, seed: 
         train_images, train_labels, batch_size=batch_size, sampler=sampler, augmentation=data.augmentation,
         seed=seed, **normalize,
     )  # fmt: skip
-    # Process r evaluates images r, r + N, ...: each once, as with the DataLoader path.
-    val_loader = InMemoryLoader(
-        val_images[world.rank :: world.size], val_labels[world.rank :: world.size], batch_size=batch_size, **normalize
-    )
+    val_loader = InMemoryLoader(val_images, val_labels, batch_size=global_batch, **normalize,
+                                batches=evaluation_batches(len(val_labels), global_batch, **shard))  # fmt: skip
     return train_loader, sampler, val_loader
