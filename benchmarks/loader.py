@@ -7,8 +7,10 @@ fields, edges and noise; no download), then iterates each loader through whole e
 RandomResizedCrop to 224 px and horizontal flip, batch 32, `--workers` 0 and 2. A row is
 the best epoch of `--epochs` (the first includes starting the workers).
 
-    uint8 batches   gtrain: torchvision.io decode, transforms.v2 on uint8, uint8 batches
-                    as the workers deliver them (on a GPU host, the device's work starts here)
+    uint8 batches   gtrain's training loader as `fit` builds it (its sampler, each image
+                    augmented from its own random stream): torchvision.io decode,
+                    transforms.v2 on uint8, uint8 batches as the workers deliver them (on a
+                    GPU host, the device's work starts here)
     uint8 finished  the same, then float and normalised on `--device` (DeviceBatches); on
                     a CPU device that runs in the training process, beside the workers
     device decode   (CUDA only) data.decode = "device": the workers read the files, the
@@ -35,7 +37,8 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from gtrain.data.datasets import IMAGE_FOLDER_SPEC, build_data, train_transform
-from gtrain.data.loaders import DeviceBatches, collate_encoded
+from gtrain.data.loaders import build_loaders
+from gtrain.distributed import World
 
 SIZE, BATCH = 224, 32
 
@@ -54,9 +57,13 @@ def write_jpegs(root: Path, count: int, classes: int = 8) -> None:
 
 
 def best_epoch(batches, epochs: int, device: torch.device) -> float:
-    """Images per second of the fastest whole pass over `batches`."""
+    """Images per second of the fastest whole pass over `batches` (a loader, or a loader and
+    the sampler whose epoch it follows)."""
+    batches, sampler = batches if isinstance(batches, tuple) else (batches, None)
     best = 0.0
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         start, images = time.perf_counter(), 0
         for inputs, _ in batches:
             images += len(inputs)
@@ -72,21 +79,27 @@ def loader(dataset, workers: int, device: torch.device, collate_fn=None) -> Data
                       pin_memory=device.type == "cuda", collate_fn=collate_fn)  # fmt: skip
 
 
+def gtrain_training_loader(root: Path, workers: int, device: torch.device, **settings):
+    """The loader `gtrain fit` trains from (its sampler, each image's own random stream, the
+    device's finish), and its sampler."""
+    data = build_data("ImageFolder", root=root, download=False, image_size=SIZE, **settings)
+    train, sampler, _ = build_loaders(data, global_batch=BATCH, seed=0, workers=workers, device=device, world=World())
+    return train, sampler
+
+
 def gtrain_uint8_batches(root: Path, workers: int, device: torch.device):
-    data = build_data("ImageFolder", root=root, download=False, image_size=SIZE)
-    return loader(data.train, workers, device)
+    train, sampler = gtrain_training_loader(root, workers, device)
+    return train.loader, sampler  # the workers' batches, before the device's finish
 
 
 def gtrain_uint8_finished(root: Path, workers: int, device: torch.device):
-    data = build_data("ImageFolder", root=root, download=False, image_size=SIZE)
-    return DeviceBatches(loader(data.train, workers, device), data.train_finish, device)
+    return gtrain_training_loader(root, workers, device)
 
 
 def gtrain_device_decode(root: Path, workers: int, device: torch.device):
     if device.type != "cuda":
         raise ImportError("a CUDA device decodes; on a CPU it would decode in the training process")
-    data = build_data("ImageFolder", root=root, download=False, image_size=SIZE, decode="device")
-    return DeviceBatches(loader(data.train, workers, device, collate_encoded), data.train_finish, device)
+    return gtrain_training_loader(root, workers, device, decode="device")
 
 
 def gtrain_float(root: Path, workers: int, device: torch.device):

@@ -367,7 +367,9 @@ def predict(
     ],
     out: Annotated[Optional[Path], typer.Option(help="Write the predictions to a .jsonl or .csv file.")] = None,
     topk: Annotated[int, typer.Option(min=1, help="Classes per image, best first.")] = 5,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
+    batch_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Images per batch; default: the run's data.batch_size (64 for a bare file).")
+    ] = None,
     workers: Annotated[int, typer.Option(min=0, help="DataLoader processes that read and resize images.")] = 2,
     device: DeviceOption = "auto",
     precision: PrecisionOption = None,

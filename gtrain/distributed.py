@@ -196,6 +196,17 @@ def gradient_sync(module: nn.Module, enabled: bool):
     return module.no_sync()
 
 
+def share_main_buffers(module: nn.Module, world: World) -> None:
+    """Give every process the main process's buffers (BatchNorm's running statistics): each
+    process updates them with its own share of the batch, and the main process's are the
+    ones checkpoints and weights files keep. Validation then scores every image with the
+    weights `gtrain eval` loads; DDP does the same at the start of every training step."""
+    if not world.distributed:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def broadcast_object(value, world: World):
     if not world.distributed:
         return value

@@ -86,7 +86,10 @@ class Classifier:
     tensors (C, H, W), or float tensors already preprocessed (C, H, W) or (N, C, H, W)."""
 
     def __init__(self, model: torch.nn.Module, meta: WeightsMeta, *, device: torch.device, precision: str,
-                 channels_last: bool, weights: Path | None = None):  # fmt: skip
+                 channels_last: bool, weights: Path | None = None, batch_size: int = 64):  # fmt: skip
+        # batch_size: the default batch; a run's own validation batch, so that images listed in
+        # the order of its split are scored in the batches `gtrain eval` scores them in.
+        self.batch_size = batch_size
         self.model = model.to(device).eval()
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -105,8 +108,10 @@ class Classifier:
         from gtrain.evaluate import recipe_of, scoring_settings
 
         model, meta, path = load_model(Path(weights))
-        device_, precision, channels_last = scoring_settings(recipe_of(path, meta, []), device, precision, channels_last)
-        return cls(model, meta, device=device_, precision=precision, channels_last=channels_last, weights=path)
+        recipe = recipe_of(path, meta, [])
+        device_, precision, channels_last = scoring_settings(recipe, device, precision, channels_last)
+        return cls(model, meta, device=device_, precision=precision, channels_last=channels_last, weights=path,
+                   batch_size=recipe.data.batch_size)  # fmt: skip
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -153,7 +158,7 @@ class Classifier:
         return scores.softmax(dim=1).cpu()
 
     def predict(
-        self, images: Any, *, topk: int = 5, batch_size: int = 64, tta: str = "none"
+        self, images: Any, *, topk: int = 5, batch_size: int | None = None, tta: str = "none"
     ) -> list[list[dict[str, Any]]]:
         """For each image, its `topk` classes, best first: [{"class": ..., "probability": ...}]."""
         if isinstance(images, torch.Tensor) and images.dim() == 4:
@@ -161,6 +166,7 @@ class Classifier:
         elif not isinstance(images, list | tuple):
             images = [images]
         results = []
+        batch_size = batch_size or self.batch_size
         for start in range(0, len(images), batch_size):
             batch = torch.stack([self.preprocess(image) for image in images[start : start + batch_size]])
             results += self.top_classes(self.probabilities(batch, tta=tta), topk)
@@ -248,12 +254,12 @@ def check_output(out: Path | None, to_stream: bool = False) -> None:
 
 
 def predictions(
-    classifier: Classifier, paths: list[Path], *, topk: int, batch_size: int, workers: int, tta: str
+    classifier: Classifier, paths: list[Path], *, topk: int, batch_size: int | None, workers: int, tta: str
 ) -> Iterator[dict[str, Any]]:
     """One record per path, in input order: {"path", "predictions"} or {"path", "error"}."""
     meta = classifier.meta
     dataset = ImageFiles(paths, classifier.read_file, (meta.in_chans, meta.image_size, meta.image_size))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+    loader = DataLoader(dataset, batch_size=batch_size or classifier.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=classifier.device.type == "cuda")  # fmt: skip
     index = 0
     for batch, errors in loader:
@@ -308,7 +314,7 @@ class RecordWriter:
 
 
 def run_predict(
-    weights: Path, inputs: list[str], *, out: Path | None, topk: int, batch_size: int, workers: int, device: str,
+    weights: Path, inputs: list[str], *, out: Path | None, topk: int, batch_size: int | None, workers: int, device: str,
     precision: str | None, channels_last: bool | None, tta: str, stream=None, on_record=None,
 ) -> PredictSummary:  # fmt: skip
     """`gtrain predict`: classify every input; write each record to `out` (or to `stream`)

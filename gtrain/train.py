@@ -562,6 +562,9 @@ def end_epoch(job: FitSetup, epoch: int, run_start: float) -> float:
         loader=job.loaders[2], num_classes=job.info.num_classes, device=settings.device,
         precision=settings.precision, channels_last=settings.channels_last, world=job.world,
     )  # fmt: skip
+    distributed.share_main_buffers(run.model, job.world)
+    if run.ema is not None:
+        distributed.share_main_buffers(run.ema.module, job.world)
     result = evaluate(run.eval_model, **evaluation)
     result_ema = evaluate(run.ema.module, **evaluation) if run.ema is not None else None
     totals = progress.this_epoch

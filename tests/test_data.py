@@ -448,3 +448,14 @@ def test_device_erasing_of_an_image_does_not_depend_on_its_batch():
     erase_rectangles(reversed_halves[1], 0.9, noise=True, keys=keys[:4], seed=0)
     assert torch.equal(torch.cat([reversed_halves[1], reversed_halves[0].flip(0)]), whole)
     assert not torch.equal(whole, images)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
+def test_every_process_scores_whole_batches_of_the_one_process_partition(world_size):
+    from gtrain.data.loaders import evaluation_batches
+
+    alone = evaluation_batches(66, 8)
+    assert [len(b) for b in alone] == [8] * 8 + [2]
+    shares = [evaluation_batches(66, 8, rank=r, world_size=world_size) for r in range(world_size)]
+    assert sorted((b for share in shares for b in share), key=lambda b: b.start) == alone
+    assert all(len(share) in (len(alone) // world_size, -(-len(alone) // world_size)) for share in shares)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_hornet, write_mnist
+from tests.conftest import tiny_hornet, write_image_folder, write_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +74,29 @@ def test_distributed_validation_equals_single_process_eval(two_process_run):
         assert report["images"] == 66 and report["precision"] == "fp32"
         assert (report["top1"], report["top5"]) == (logged["val_top1"], logged["val_top5"])
         assert report["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+
+
+def test_two_processes_on_a_jpeg_folder_log_the_validation_gtrain_eval_gives(tmp_path):
+    """A user's folder of JPEGs read by 2 workers per process, a ResNeXt with BatchNorm, in
+    fp32: each process scores whole batches of the one-process partition (21 images in
+    batches of 8, 8 and 5) with the main process's BatchNorm statistics, so the logged
+    validation is `gtrain eval`'s, image for image, to the loss's last digits."""
+    root = write_image_folder(tmp_path / "jpegs", size=40, suffix=".jpg", images_per_class={"train": 8, "val": 7})
+    out = tmp_path / "run"
+    result = torchrun("fit", "quickstart", "--set", "data.dataset=ImageFolder", "--set", f"data.root={root}",
+                      "--set", "data.image_size=16", "--set", "data.batch_size=8", "--set", "data.workers=2",
+                      "--set", "data.auto_augment=trivialaugment", "--set", "model.stage_depths=[1, 1, 1]",
+                      "--set", "train.precision=fp32", "--set", "train.epochs=3", "--out", out)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(out)
+    best = next(r for r in rows if r["val_top1"] == max(r["val_top1"] for r in rows))
+    for weights, logged in [(out, best), (out / "final.safetensors", rows[-1])]:
+        evaluated = run("-m", "gtrain", "eval", weights, "--split", "val", "--json")
+        assert evaluated.returncode == 0, evaluated.stderr
+        report = json.loads(evaluated.stdout)
+        assert report["images"] == 21 and report["precision"] == "fp32"
+        assert (report["top1"], report["top5"]) == (logged["val_top1"], logged["val_top5"])
+        assert report["loss"] == pytest.approx(logged["val_loss"], rel=1e-12)
 
 
 def test_two_process_run_interrupted_resumes_on_two_and_on_one(tmp_path, recipe):

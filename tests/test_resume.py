@@ -185,15 +185,16 @@ def test_unwritable_output_folder_is_one_line(tmp_path, fast):
 
 # Each pipeline (gtrain.data.Pipeline) as a user's recipe reaches it: (recipe arguments, steps per epoch).
 PIPELINES = {
-    "in-memory-digits": ["--set", "data.dataset=digits", "--set", "data.batch_size=64"],
+    "in-memory-digits": ["--set", "data.dataset=digits", "--set", "data.batch_size=256"],
     "uint8-jpeg-trivialaugment-erasing": ["--set", "data.auto_augment=trivialaugment", "--set", "data.random_erasing=0.5",
                                           "--set", "data.random_erasing_fill=noise"],
     "float-pil-timm-randaugment": ["--set", "data.auto_augment=rand-m9-mstd0.5-inc1", "--set", "data.random_erasing=0.5"],
     "device-decode": ["--set", "data.decode=device", "--set", "data.auto_augment=trivialaugment",
                       "--set", "data.random_erasing=0.5"],
 }  # fmt: skip
-# A checkpoint every few steps; the kill comes after a mid-epoch one, in epoch 2 of 3 (3 of 4 for digits).
-KILL = {"in-memory-digits": (10, 33), "default": (2, 5)}
+# A checkpoint every 2 steps; the kill comes after a mid-epoch one, in epoch 2 of 3 (3 steps
+# per epoch on the JPEGs, 5 on the digits).
+KILL_AT = {"in-memory-digits": 7, "default": 5}
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +205,9 @@ def jpeg_folder(tmp_path_factory):
 
 
 def pipeline_recipe(name, jpeg_folder):
-    every, _ = KILL.get(name, KILL["default"])
     common = ["quickstart", "--set", "model.stage_depths=[1, 1, 1]", "--set", "train.precision=fp32",
               "--set", "train.deterministic=true", "--set", "train.device=cpu", "--set", "train.epochs=3",
-              "--set", f"train.checkpoint_steps={every}"]  # fmt: skip
+              "--set", "train.checkpoint_steps=2"]  # fmt: skip
     if name != "in-memory-digits":
         common += ["--set", "data.dataset=ImageFolder", "--set", f"data.root={jpeg_folder}",
                    "--set", "data.image_size=16", "--set", "data.batch_size=8"]  # fmt: skip
@@ -241,7 +241,7 @@ def test_a_killed_run_resumes_bit_exact_on_every_pipeline_with_any_workers(
     """SIGKILL in the middle of an epoch, after a mid-epoch checkpoint; `gtrain fit --resume`
     ends with the weights of the run left alone, tensor for tensor, whatever the number of
     workers before and after: every draw of the augmentation belongs to its image."""
-    _, kill_at = KILL.get(pipeline, KILL["default"])
+    kill_at = KILL_AT.get(pipeline, KILL_AT["default"])
     run = tmp_path / "run"
     killed = gtrain("fit", *pipeline_recipe(pipeline, jpeg_folder), "--set", f"data.workers={workers}", "--out", run,
                     fault=f"kill-at-step:{kill_at}")  # fmt: skip

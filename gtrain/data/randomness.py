@@ -11,8 +11,8 @@ on how long each has been running.
 
 The draws come from the three generators augmentation libraries use: torch's (torchvision
 transforms, v2 included), Python's `random` and numpy's (timm's RandAugment uses both).
-`drawn_from` seeds all three for one sample and puts the caller's states back afterwards,
-so the main process's own stream (dropout, drop path) goes on as if nothing had run.
+`drawn_from` seeds all three for one sample and puts torch's back afterwards, so the
+training process's own stream (dropout, drop path) goes on as if nothing had run.
 """
 
 import contextlib
@@ -36,28 +36,43 @@ class SampleKey(NamedTuple):
     index: int
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    """SplitMix64's finaliser: every input bit flips about half of the output bits."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 def seed_of(*key: int) -> int:
-    """A 64-bit seed for `key`, well mixed (numpy's SeedSequence), so that neighbouring keys
-    give unrelated streams."""
-    words = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint32)
-    return int(words[0]) | int(words[1]) << 32
+    """A 64-bit seed for `key`, well mixed, so that neighbouring keys (image i and i + 1)
+    give unrelated streams. Plain integer arithmetic: 2 us, where numpy's SeedSequence
+    takes 23 us, once per image."""
+    seed = 0
+    for part in key:
+        seed = _splitmix64(seed ^ int(part))
+    return seed
 
 
 @contextlib.contextmanager
 def drawn_from(*key: int):
     """Inside, torch's CPU generator, Python's `random` and numpy's global generator draw
-    from a stream that depends on `key` alone; outside, they are as they were."""
-    saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    from a stream that depends on `key` alone. Afterwards torch's is as it was: the training
+    process's own draws (dropout, drop path) come from it. Python's and numpy's are left
+    seeded: nothing in the training process draws from them, and saving and restoring
+    their states would cost 20 and 160 us per image (measured), a fifth of decoding one."""
+    saved = torch.get_rng_state()
     seed = seed_of(*key)
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
-    np.random.seed(seed & 0xFFFF_FFFF)  # numpy's legacy seeding takes 32 bits
+    np.random.seed(seed & 0xFFFF_FFFF)  # numpy's global generator takes 32 bits
     try:
         yield
     finally:
-        torch.set_rng_state(saved[0])
-        random.setstate(saved[1])
-        np.random.set_state(saved[2])
+        torch.set_rng_state(saved)
 
 
 class SeededBySample(torch.utils.data.Dataset):
