@@ -69,7 +69,7 @@ def run_gtrain(model, dataset, *, args, device, precision, channels_last) -> flo
     )  # fmt: skip
     settings = StepSettings(
         device=device, precision=precision, channels_last=channels_last, label_smoothing=0.0, clip_grad_norm=None,
-        accumulate_steps=1, mix=None, steps_per_epoch=args.steps, pause_after_s=math.inf, world=World(),
+        accumulate_steps=1, mix=None, seed=0, steps_per_epoch=args.steps, pause_after_s=math.inf, world=World(),
     )  # fmt: skip
     # Not a terminal: the reporter takes its plain path, as under CI or with output to a file.
     reporter = Reporter(Console(file=io.StringIO()))

@@ -419,7 +419,8 @@ def test_device_erasing_erases_one_rectangle_per_image_with_probability_p(noise)
     share = erased.any(1).float().mean().item()
     assert 0.4 < share < 0.6  # p = 0.5
     area = erased[erased.any(1)].float().mean(1)
-    assert area.min() >= 0.02 * 0.8 and area.max() <= 0.34  # torchvision's 2% to 33% of the image
+    # torchvision's 2% to 33% of the image, give or take the rounding of the sides to pixels
+    assert area.min() >= 0.02 * 0.8 and area.max() <= 0.33 * 1.05
     values = images[images != 5.0]
     if noise:
         assert 0.8 < values.std() < 1.2
@@ -459,3 +460,30 @@ def test_every_process_scores_whole_batches_of_the_one_process_partition(world_s
     shares = [evaluation_batches(66, 8, rank=r, world_size=world_size) for r in range(world_size)]
     assert sorted((b for share in shares for b in share), key=lambda b: b.start) == alone
     assert all(len(share) in (len(alone) // world_size, -(-len(alone) // world_size)) for share in shares)
+
+
+def test_an_image_folder_image_is_augmented_the_same_by_any_worker_of_any_process(tmp_path):
+    """TrivialAugment, the crop and the flip drawn in the workers, erasing on the device: each
+    image's pixels in an epoch depend on (seed, epoch, image) alone, not on the worker or the
+    process that makes them, nor on how many there are."""
+    from gtrain.data.loaders import build_loaders
+    from gtrain.distributed import World
+
+    root = write_image_folder(tmp_path / "jpegs", size=40, suffix=".jpg", images_per_class={"train": 8, "val": 1})
+    data = build_data("ImageFolder", root=root, download=False, image_size=16, auto_augment="trivialaugment",
+                      random_erasing=0.5)  # fmt: skip
+
+    def augmented(workers, world_size):
+        seen = {}
+        for rank in range(world_size):
+            train, sampler, _ = build_loaders(data, global_batch=8, seed=1, workers=workers, device=torch.device("cpu"),
+                                              world=World(rank=rank, size=world_size))  # fmt: skip
+            sampler.set_epoch(2)
+            seen.update(zip(sampler.indices().tolist(), torch.cat([images for images, _ in train])))
+        return seen
+
+    alone = augmented(0, 1)
+    assert len(alone) == 24
+    for workers, world_size in [(2, 1), (1, 2)]:
+        other = augmented(workers, world_size)
+        assert other.keys() == alone.keys() and all(torch.equal(other[i], alone[i]) for i in alone)
