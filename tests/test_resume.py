@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 from types import SimpleNamespace
 
@@ -28,10 +29,15 @@ def fast(tmp_path_factory):
 
 
 def gtrain(*args, fault=None):
-    """A real process, so that signals and SIGKILL are real."""
+    """A real process, so that signals and SIGKILL are real. Its output goes to files, not
+    pipes: DataLoader workers that outlive a killed process hold a pipe open for up to 5 s,
+    until they notice their parent is gone, and reading it would wait for them."""
     env = {**os.environ, "GTRAIN_FAULT": fault or ""}
-    return subprocess.run([sys.executable, "-m", "gtrain", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        done = subprocess.run([sys.executable, "-m", "gtrain", *map(str, args)], stdout=stdout, stderr=stderr, text=True,
+                              env=env, timeout=300)  # fmt: skip
+        stdout.seek(0), stderr.seek(0)
+        return SimpleNamespace(returncode=done.returncode, stdout=stdout.read(), stderr=stderr.read())
 
 
 def gtrain_in_process(*args):

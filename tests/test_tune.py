@@ -45,7 +45,7 @@ def space(tmp_path) -> Path:
 @pytest.mark.slow
 def test_two_processes_share_one_study(tmp_path, space):
     out = tmp_path / "study"
-    command = gtrain("tune", *QUICK, "--set", "train.epochs=1", "--space", space, "--out", out, "--trials", 2, "--json")
+    command = gtrain("tune", *QUICK, "--set", "train.epochs=1", "--space", space, "--out", out, "--trials", 1, "--json")
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = []
     for process in processes:
@@ -53,16 +53,16 @@ def test_two_processes_share_one_study(tmp_path, space):
         assert process.returncode == 0, stderr
         results.append(json.loads(stdout))
     ran = [set(result["ran_here"]) for result in results]
-    assert len(ran[0]) == len(ran[1]) == 2 and not ran[0] & ran[1]  # each took its own trials
+    assert len(ran[0]) == len(ran[1]) == 1 and not ran[0] & ran[1]  # each took its own trials
     trials = study_trials(out)
-    assert sorted(t.number for t in trials) == sorted(ran[0] | ran[1]) == [0, 1, 2, 3]  # the count adds up
+    assert sorted(t.number for t in trials) == sorted(ran[0] | ran[1]) == [0, 1]  # the count adds up
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     folders = {str(out / t.user_attrs["run_dir"]) for t in trials}  # recorded relative to DIR
-    assert folders == {str(out / "trials" / f"{n:04d}") for n in range(4)}
+    assert folders == {str(out / "trials" / f"{n:04d}") for n in range(2)}
     for folder in folders:
         assert json.loads((Path(folder) / "run.json").read_text())["status"] == "finished"
     listed = invoke("runs", out / "trials")
-    assert listed.exit_code == 0 and all(f"{n:04d}" in listed.output for n in range(4)), listed.output
+    assert listed.exit_code == 0 and all(f"{n:04d}" in listed.output for n in range(2)), listed.output
 
 
 @pytest.mark.slow
