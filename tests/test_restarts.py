@@ -91,11 +91,12 @@ def test_the_same_command_with_auto_resume_continues_after_every_process_was_kil
     assert "resuming after epoch 1, step 0" in again.stdout
     assert epochs_logged(out) == [1, 2]
     assert_same_weights(out, left_alone)
-    # Once more: the run has finished, so there is nothing to do, and nothing is rewritten.
+    # Once more (here in one process): the run has finished, so there is nothing to do, and
+    # nothing is rewritten.
     before = (out / "final.safetensors").stat().st_mtime_ns
-    done = torchrun(*command)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "has finished its 2 epochs" in done.stdout
+    done = invoke(*command)
+    assert done.exit_code == 0, done.output[-3000:]
+    assert "has finished its 2 epochs" in done.output
     assert (out / "final.safetensors").stat().st_mtime_ns == before
 
 

@@ -32,7 +32,7 @@ from gtrain.data.randomness import ERASING_STREAM, SAMPLE_STREAM, SampleKey, See
 from gtrain.distributed import World
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler[SampleKey]):
     """A fresh random permutation every epoch, drawn from its own generator so that
     nothing else that consumes random numbers can change the data order.
 
