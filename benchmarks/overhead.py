@@ -47,7 +47,8 @@ from gtrain.models import create_model
 from gtrain.optim import build_optimizer, build_scheduler
 from gtrain.progress import Reporter
 from gtrain.recipe import OptimSection
-from gtrain.train import StepSettings, StopRequest, train_steps
+from gtrain.train import LoopSettings, StopRequest, train_steps
+from gtrain.training_run import StepSettings
 from gtrain.training_run import TrainingRun
 
 NUM_CLASSES = 10
@@ -67,9 +68,9 @@ def run_gtrain(model, dataset, *, args, device, precision, channels_last) -> flo
         scheduler=build_scheduler(optimizer, steps_per_epoch=args.steps, epochs=2, optim=OPTIM),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
     )  # fmt: skip
-    settings = StepSettings(
-        device=device, precision=precision, channels_last=channels_last, label_smoothing=0.0, clip_grad_norm=None,
-        accumulate_steps=1, mix=None, seed=0, steps_per_epoch=args.steps, pause_after_s=math.inf, world=World(),
+    settings = LoopSettings(
+        step=StepSettings(device=device, precision=precision), channels_last=channels_last, mix=None, seed=0,
+        steps_per_epoch=args.steps, pause_after_s=math.inf, checkpoint_steps=None, world=World(),
     )  # fmt: skip
     # Not a terminal: the reporter takes its plain path, as under CI or with output to a file.
     reporter = Reporter(Console(file=io.StringIO()))

@@ -1,6 +1,8 @@
 """gtrain: train grouped-convolution image classifiers (ResNeXt, HorNet) from recipes."""
 
-__version__ = "0.1.0"
+from gtrain.version import __version__
+
+__all__ = ["Classifier", "__version__"]
 
 
 def __getattr__(name: str):

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from gtrain import runtime
 from gtrain.errors import UserError
 from gtrain.models import create_model, get_model_entry
 from gtrain.models.summary import count_flops
+from gtrain.training_run import StepSettings, TrainingRun
 
 # Dense tensor-core peaks in TFLOP/s from NVIDIA's data sheets (their headline figures
 # are with 2:4 sparsity, twice these). fp32 is measured against the TF32 peak: PyTorch
@@ -138,12 +138,17 @@ def run_bench(
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    scaler = torch.amp.GradScaler(device_.type, enabled=precision == "fp16")
     forward = torch.compile(model) if compile else model
+    # The step `gtrain fit` takes, on a run of this model alone.
+    run = TrainingRun(
+        model=model, step_model=forward, eval_model=forward, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        scaler=torch.amp.GradScaler(device_.type, enabled=precision == "fp16"),
+    )  # fmt: skip
 
     timing = dict(batch_size=batch_size, steps=steps, warmup=warmup, repeats=repeats, device=device_)
     model.train()
-    train_step = functools.partial(_train_step, forward, optimizer, scaler, images, labels, device_, precision)
+    train_step = functools.partial(run.train_step, images, labels, StepSettings(device_, precision))
     train_rates = _images_per_s(train_step, **timing)
     model.eval()
     infer_rates = _images_per_s(functools.partial(_infer_step, forward, images, device_, precision), **timing)
@@ -283,16 +288,6 @@ def format_rows(result: BenchResult) -> list[tuple[str, str]]:
         ("achieved", f"{r.tflops:.3f} TFLOP/s in training"),
         ("MFU", mfu),
     ]
-
-
-def _train_step(model: nn.Module, optimizer, scaler, images, labels, device: torch.device, precision: str) -> None:
-    with runtime.autocast(device, precision):
-        logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
 
 
 @torch.no_grad()

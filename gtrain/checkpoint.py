@@ -5,16 +5,13 @@ loads with `torch.load(weights_only=True)`: unpickling a downloaded file can nev
 code. Weights for sharing are safetensors with string metadata that is enough to
 rebuild the model and its preprocessing (`gtrain eval model.safetensors`).
 
-Every write goes to a temporary file in the same folder, is fsynced, then renamed over
-the old file, so a crash at any moment leaves the previous file intact.
+Every write goes through `gtrain.files.write_atomic`, so a crash at any moment leaves the
+previous file intact.
 """
 
 import io
 import json
 import math
-import os
-import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,40 +22,11 @@ from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from gtrain import __version__, faults
+from gtrain.version import __version__
 from gtrain.errors import UserError, did_you_mean, error_line, printable
-from gtrain.models import create_model
+from gtrain.files import check_fits_in_memory, write_atomic
+from gtrain.models import classifier_keys, create_model, stem_weight_key
 from gtrain.run_folder import RunFolder
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror}; choose a writable folder with --out") from None
-    try:
-        # mkstemp creates the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH) & ~umask)
-        with os.fdopen(fd, "wb") as file:
-            if faults.kill_during_save(path.name):
-                file.write(data[: len(data) // 2])
-                file.flush()
-                faults.kill_now()
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {error.strerror}; the previous file is unchanged") from None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, text.encode())
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,8 +190,6 @@ class _MetaFields:
 def check_tensor_shapes(meta: WeightsMeta, shapes: dict[str, tuple[int, ...]], source: Path) -> None:
     """The tensors must be those of the model the metadata describes, name for name and shape
     for shape: checked on the meta device, before anything is allocated."""
-    from gtrain.pretrained import classifier_keys, stem_weight_key
-
     with torch.device("meta"):
         model = create_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans, **meta.model_settings)
     expected = shapes_of(model.state_dict())
@@ -242,26 +208,6 @@ def check_tensor_shapes(meta: WeightsMeta, shapes: dict[str, tuple[int, ...]], s
     detail = shape_misfits(expected, shapes)
     if detail:
         raise UserError(f"{name}: its tensors are not those of {meta.model} as its metadata describes it: {detail}")
-
-
-def check_fits_in_memory(nbytes: int, source: Path) -> None:
-    """Refuse, before reading, a file whose tensors would not fit in the memory left."""
-    available = available_memory()
-    if available is not None and nbytes > available:
-        raise UserError(
-            f"{printable(source)}: its tensors need {nbytes / 2**30:,.1f} GiB and {available / 2**30:,.1f} GiB of "
-            "memory is available: free memory, or check that this is the file you meant"
-        )
-
-
-def available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def save_weights(path: Path, model: nn.Module, meta: WeightsMeta) -> None:

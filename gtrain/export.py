@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gtrain.checkpoint import WeightsMeta, write_atomic
+from gtrain.checkpoint import WeightsMeta
+from gtrain.files import write_atomic
 from gtrain.errors import UserError
 
 # Format -> file suffix, appended to the weights' stem: best.safetensors -> best.onnx.

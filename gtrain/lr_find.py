@@ -24,9 +24,6 @@ later `gtrain fit` trains exactly as it would have without it.
 import math
 from dataclasses import dataclass, field
 
-from torch import nn
-from torch.nn import functional as F
-
 from gtrain import distributed, runtime
 from gtrain.data import batch_mix
 from gtrain.data.loaders import build_loaders
@@ -34,7 +31,7 @@ from gtrain.data.randomness import BATCH_STREAM, drawn_from
 from gtrain.distributed import World
 from gtrain.errors import UserError
 from gtrain.recipe import Recipe
-from gtrain.training_run import build_training_run, rng_state, set_rng_state
+from gtrain.training_run import StepSettings, build_training_run, rng_state, set_rng_state
 
 DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
 
@@ -95,8 +92,9 @@ def _range_test(recipe: Recipe, *, steps: int, start_lr: float, end_lr: float, d
     sampler.set_epoch(0, start_step=0)
     mix = batch_mix(mixup_alpha=recipe.data.mixup_alpha, cutmix_alpha=recipe.data.cutmix_alpha,
                     num_classes=data.info.num_classes)  # fmt: skip
-    model, optimizer, scaler = run.step_model, run.optimizer, run.scaler
-    model.train()
+    step_settings = StepSettings(device=device_, precision=precision, label_smoothing=train.label_smoothing,
+                                 clip_grad_norm=recipe.optim.clip_grad_norm, accumulate_steps=train.accumulate_steps)
+    run.step_model.train()
 
     result = LrFindResult(suggested_lr=None)
     # The moving average spans about a twentieth of the test, up to fastai's 0.98 at 250 steps.
@@ -106,24 +104,14 @@ def _range_test(recipe: Recipe, *, steps: int, start_lr: float, end_lr: float, d
         if step == steps:
             break
         lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = runtime.to_device(inputs, targets, device_, channels_last)
         if mix is not None:
             with drawn_from(train.seed, step, world.rank, BATCH_STREAM):  # as `gtrain fit` draws them
                 inputs, targets = mix(inputs, targets)
-        with runtime.autocast(device_, precision):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=train.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if recipe.optim.clip_grad_norm is not None:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(run.model.parameters(), recipe.optim.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-
-        value = loss.item()
+        # The step `gtrain fit` takes; its schedule's lr is overwritten before the next one.
+        value = run.train_step(inputs, targets, step_settings).item()
         if not math.isfinite(value):
             result.stopped = f"the loss became {value} at lr {lr:.3g}"
             break

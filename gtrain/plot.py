@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gtrain.errors import UserError
+from gtrain.files import write_atomic
 from gtrain.run_folder import RunFolder
 from gtrain.runs import read_metrics
 
@@ -96,8 +97,6 @@ def metrics_figure(curves: dict[str, list[dict[str, Any]]]):
 
 
 def save_png(figure, out: Path) -> None:
-    from gtrain.checkpoint import write_atomic  # the one atomic writer; it brings torch, so only now
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     write_atomic(out, buffer.getvalue())

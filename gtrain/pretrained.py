@@ -31,7 +31,8 @@ from safetensors.torch import load_file as load_safetensors_file
 from torch import nn
 
 from gtrain.errors import UserError, error_line
-from gtrain.models import create_model, list_models
+from gtrain.files import check_fits_in_memory
+from gtrain.models import classifier_keys, create_model, list_models, stem_weight_key
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 # Where training scripts keep the weights inside a checkpoint, in the order tried: the
@@ -110,8 +111,6 @@ def load_pretrained(model: nn.Module, path: Path) -> PretrainedReport:
 
 def read_checkpoint(path: Path) -> Any:
     """The object saved at `path`: a .safetensors file, or a .pth/.pt/.bin holding only tensors."""
-    from gtrain.checkpoint import check_fits_in_memory
-
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: give the path of a local .pth, .pt, .bin or .safetensors file")
     # Its tensors take about as much memory as the file's size (safetensors and torch's zip
@@ -181,21 +180,6 @@ def _outline(checkpoint: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- matching
-
-
-def classifier_keys(model: nn.Module) -> tuple[str, ...]:
-    """Keys of the layer that gives the logits: the last Linear (ResNeXt's `fc`, HorNet's `head`)."""
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise UserError(f"{type(model).__name__} has no Linear classifier to fine-tune")
-    head = model.get_submodule(linears[-1])
-    return tuple(f"{linears[-1]}.{name}" for name, _ in head.named_parameters(recurse=False))
-
-
-def stem_weight_key(model: nn.Module) -> str:
-    """Key of the first conv's weight, the only one that sees the image's channels."""
-    first = next(name for name, module in model.named_modules() if isinstance(module, nn.Conv2d))
-    return f"{first}.weight"
 
 
 @dataclass

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gtrain.errors import UserError
+from gtrain.files import write_text_atomic
 
 
 # A run folder gtrain names itself: runs/<recipe>-<local start time>.
@@ -142,8 +143,6 @@ class RunStatus:
     def update(self, **changes: Any) -> None:
         if not self.enabled:
             return
-        from gtrain.checkpoint import write_text_atomic
-
         self.record.update(changes, updated=_now())
         write_text_atomic(self.paths.status, json.dumps(self.record, indent=2) + "\n")
 
@@ -179,8 +178,6 @@ class MetricsLog:
         """Rewrite metrics.jsonl with every finished epoch; send the newest to TensorBoard."""
         if not self.enabled:
             return
-        from gtrain.checkpoint import write_text_atomic
-
         write_text_atomic(self.paths.metrics, "".join(json.dumps(row) + "\n" for row in history))
         if self.writer is not None and history:
             row = history[-1]

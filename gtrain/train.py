@@ -2,9 +2,9 @@
 
 `fit` reads top to bottom: set up, then for each epoch train it and end it (validate,
 log, keep the best weights, checkpoint), then finish. `train_steps` is the loop itself:
-batch, forward, loss, backward, step, log. What the run trains and where it stands lives
-in `TrainingRun` (gtrain/training_run.py); precision, memory format, distribution and
-progress are small helpers they call.
+batch, mix, step, log, pause or checkpoint. What the run trains and where it stands lives
+in `TrainingRun` (gtrain/training_run.py), whose `train_step` takes each optimizer step;
+precision, memory format, distribution and progress are small helpers they call.
 
 An epoch may be trained in several segments: a segment ends at the epoch's end, at a
 stop signal or after `train.checkpoint_minutes`; the run is checkpointed between
@@ -21,10 +21,10 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import ValidationError
 from torch import nn
-from torch.nn import functional as F
 
 from gtrain import distributed, faults, runtime
-from gtrain.checkpoint import WeightsMeta, load_state, save_state, save_weights, write_text_atomic
+from gtrain.checkpoint import WeightsMeta, load_state, save_state, save_weights
+from gtrain.files import write_text_atomic
 from gtrain.data import DatasetInfo, Pipeline, batch_mix, build_data
 from gtrain.data.loaders import EpochSampler, build_loaders
 from gtrain.data.randomness import BATCH_STREAM, drawn_from
@@ -35,7 +35,7 @@ from gtrain.progress import EpochRow, Reporter, format_seconds
 from gtrain.recipe import SAFE_TO_CHANGE_ON_RESUME, Recipe, load_recipe, unsafe_changes
 from gtrain.run_folder import MetricsLog, RunFolder, RunStatus, require_tensorboard
 from gtrain.run_lock import RunLock
-from gtrain.training_run import EpochTotals, TrainingRun, build_training_run, rng_state, set_rng_state
+from gtrain.training_run import EpochTotals, StepSettings, TrainingRun, build_training_run, rng_state, set_rng_state
 
 # The exit code of a run that stopped with a checkpoint to continue from, for a reason that
 # is not the user's (preemption, a lost process): sysexits' EX_TEMPFAIL, "try again". The
@@ -86,15 +86,11 @@ class NonFiniteLoss(Exception):
 
 
 @dataclass(frozen=True)
-class StepSettings:
-    """How every step of a run is taken: fixed when the run is set up."""
+class LoopSettings:
+    """How the loop around the steps runs: fixed when the run is set up."""
 
-    device: torch.device
-    precision: str  # resolved: fp32, bf16 or fp16
+    step: StepSettings  # how each optimizer step is taken
     channels_last: bool
-    label_smoothing: float
-    clip_grad_norm: float | None
-    accumulate_steps: int
     mix: Any  # MixUp / CutMix of a batch on the device, or None
     seed: int  # of the run: the batches' draws for `mix` come from it
     steps_per_epoch: int
@@ -104,15 +100,14 @@ class StepSettings:
 
 
 def train_steps(
-    run: TrainingRun, loader, settings: StepSettings, *, first_step: int, global_step: int, reporter: Reporter,
+    run: TrainingRun, loader, settings: LoopSettings, *, first_step: int, global_step: int, reporter: Reporter,
     stop: "StopRequest",
 ) -> tuple[EpochTotals, bool]:  # fmt: skip
     """Train from step `first_step` of the epoch to its end, or until a stop request (then the
     second value is True, on every process), `settings.pause_after_s` seconds or a multiple of
     `settings.checkpoint_steps`; the caller checkpoints and calls again."""
-    device, world, steps_per_epoch = settings.device, settings.world, settings.steps_per_epoch
-    model, optimizer, scaler = run.step_model, run.optimizer, run.scaler
-    model.train()
+    device, world, steps_per_epoch = settings.step.device, settings.world, settings.steps_per_epoch
+    run.step_model.train()
     loss_sum = torch.zeros((), device=device)
     # The step of the first non-finite loss, found without a device sync per step.
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
@@ -128,33 +123,7 @@ def train_steps(
             # Drawn from the batch's own stream: the same on a resumed run, whatever ran before.
             with drawn_from(settings.seed, global_step + steps, world.rank, BATCH_STREAM):
                 inputs, targets = settings.mix(inputs, targets)  # targets become soft labels (N, classes)
-
-        loss = torch.zeros((), device=device)
-        for index, (chunk_inputs, chunk_targets, share, last) in enumerate(
-            micro_batches(inputs, targets, settings.accumulate_steps)
-        ):
-            with distributed.gradient_sync(model, last):
-                with runtime.autocast(device, settings.precision):
-                    logits = model(chunk_inputs)
-                chunk_loss = F.cross_entropy(logits.float(), chunk_targets, label_smoothing=settings.label_smoothing)
-                if share != 1.0:
-                    # Each chunk's mean loss weighted by its share of the batch: the gradients
-                    # sum to those of the whole batch's mean loss.
-                    chunk_loss = chunk_loss * share
-                if index == 0:
-                    # Freed after the forward pass, not before: the backward then reuses the
-                    # old gradients' memory while it is warm (measured 3% faster on CPU).
-                    optimizer.zero_grad(set_to_none=True)
-                scaler.scale(chunk_loss).backward()
-            loss += chunk_loss.detach()
-        if settings.clip_grad_norm is not None:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(run.model.parameters(), settings.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        run.scheduler.step()
-        if run.ema is not None:
-            run.ema.update()
+        loss = run.train_step(inputs, targets, settings.step)
 
         loss_sum += loss
         first_bad_step.copy_(torch.where((first_bad_step < 0) & ~loss.isfinite(), global_step + steps + 1, first_bad_step))
@@ -190,16 +159,6 @@ def train_steps(
     loss_sum = distributed.all_reduce_sum(loss_sum, world) / world.size
     totals = EpochTotals(steps, loss_sum.item(), images * world.size, time.perf_counter() - start, data_wait_s)
     return totals, stopped
-
-
-def micro_batches(inputs: torch.Tensor, targets: torch.Tensor, count: int):
-    """(inputs, targets, share of the batch, is last) for each of `count` chunks of a batch."""
-    if count == 1:
-        yield inputs, targets, 1.0, True
-        return
-    chunks = list(zip(inputs.tensor_split(count), targets.tensor_split(count)))
-    for index, (chunk_inputs, chunk_targets) in enumerate(chunks):
-        yield chunk_inputs, chunk_targets, len(chunk_targets) / len(targets), index == len(chunks) - 1
 
 
 class DivergedError(UserError):
@@ -350,7 +309,7 @@ def train_and_finish(job: "FitSetup", resume: bool, epoch_end: EpochEnd | None =
                 job.status.update(stopped=stopped_by)
                 break
             last_epoch = epoch + 1 == recipe.train.epochs  # then finish: only the final weights are left to write
-            if not last_epoch and distributed.agree([bool(stop)], job.settings.device, world)[0]:
+            if not last_epoch and distributed.agree([bool(stop)], job.settings.step.device, world)[0]:
                 raise Interrupted(stop.signum or signal.SIGTERM)
         job.save_weights(job.paths.final, job.run.model)
         if job.run.ema is not None:
@@ -368,7 +327,7 @@ class FitSetup:
     world: World
     reporter: Reporter
     run: TrainingRun
-    settings: StepSettings
+    settings: LoopSettings
     info: DatasetInfo
     train_images: int
     val_images: int
@@ -413,13 +372,15 @@ def set_up(
         data, global_batch=recipe.data.batch_size, seed=train.seed,
         workers=recipe.data.workers, device=device_, world=world,
     )  # fmt: skip
-    settings = StepSettings(
+    step = StepSettings(
         device=device_, precision=runtime.resolve_precision(train.precision, device_, "train.precision"),
-        channels_last=channels_last, label_smoothing=train.label_smoothing, clip_grad_norm=recipe.optim.clip_grad_norm,
-        accumulate_steps=train.accumulate_steps, steps_per_epoch=steps_per_epoch,
+        label_smoothing=train.label_smoothing, clip_grad_norm=recipe.optim.clip_grad_norm,
+        accumulate_steps=train.accumulate_steps,
+    )  # fmt: skip
+    settings = LoopSettings(
+        step=step, channels_last=channels_last, steps_per_epoch=steps_per_epoch, seed=train.seed, world=world,
         mix=batch_mix(mixup_alpha=recipe.data.mixup_alpha, cutmix_alpha=recipe.data.cutmix_alpha, num_classes=info.num_classes),
-        pause_after_s=train.checkpoint_minutes * 60, checkpoint_steps=train.checkpoint_steps, world=world,
-        seed=train.seed,
+        pause_after_s=train.checkpoint_minutes * 60, checkpoint_steps=train.checkpoint_steps,
     )  # fmt: skip
     if resume:
         resume_run(run, recipe, paths, world, steps_per_epoch)
@@ -499,7 +460,7 @@ def resume_run(run: TrainingRun, recipe: Recipe, paths: RunFolder, world: World,
 def start_facts(job: FitSetup, resume: bool) -> dict[str, str]:
     """The start panel: what is trained, on what, how, and where it is written."""
     recipe, info, settings, world = job.recipe, job.info, job.settings, job.world
-    batch, accumulate = recipe.data.batch_size, settings.accumulate_steps
+    batch, accumulate = recipe.data.batch_size, settings.step.accumulate_steps
     per_process = batch // world.size
     params = sum(p.numel() for p in job.run.model.parameters())
     progress = job.run.progress
@@ -509,7 +470,7 @@ def start_facts(job: FitSetup, resume: bool) -> dict[str, str]:
         f"{info.num_classes} classes, {info.in_chans}x{info.image_size}x{info.image_size}",
         "data": f"{job.pipeline}: {job.pipeline.description}"
         + ("" if job.pipeline == Pipeline.IN_MEMORY else f", {recipe.data.workers} workers"),
-        "device": f"{settings.device} ({settings.precision}, {'channels_last' if settings.channels_last else 'NCHW'}"
+        "device": f"{settings.step.device} ({settings.step.precision}, {'channels_last' if settings.channels_last else 'NCHW'}"
         + (", compiled" if recipe.train.compile else "") + ")",
         "batch": f"{batch} x {settings.steps_per_epoch} steps per epoch"
         + (f" ({world.size} processes x {per_process})" if world.distributed else ""),
@@ -559,8 +520,8 @@ def end_epoch(job: FitSetup, epoch: int, run_start: float) -> float:
     the validation top-1."""
     run, settings, progress = job.run, job.settings, job.run.progress
     evaluation = dict(
-        loader=job.loaders[2], num_classes=job.info.num_classes, device=settings.device,
-        precision=settings.precision, channels_last=settings.channels_last, world=job.world,
+        loader=job.loaders[2], num_classes=job.info.num_classes, device=settings.step.device,
+        precision=settings.step.precision, channels_last=settings.channels_last, world=job.world,
     )  # fmt: skip
     distributed.share_main_buffers(run.model, job.world)
     if run.ema is not None:

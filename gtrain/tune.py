@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from gtrain import distributed
-from gtrain.checkpoint import write_text_atomic
+from gtrain.files import write_text_atomic
 from gtrain.errors import UserError, error_line
 from gtrain.recipe import Recipe, flatten, parse_toml, unsafe_changes, validate_recipe
 

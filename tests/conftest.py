@@ -8,8 +8,13 @@ The builders are plain functions as well, for tests that need other sizes:
 """
 
 import colorsys
+import os
 import struct
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +29,52 @@ MNIST_SIZE = 28
 def invoke(*args):
     """Run the `gtrain` command line in this process, as typed (every argument made a string)."""
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def gtrain_command(*args, torchrun: int = 0, restarts: int = 0) -> list[str]:
+    """`python -m gtrain ARGS`, or with `torchrun` > 0 the same under `torchrun --standalone`
+    with that many processes (and `restarts` restarts after a failure)."""
+    launcher = []
+    if torchrun:
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}",
+                    f"--max-restarts={restarts}"]  # fmt: skip
+    return [sys.executable, *launcher, "-m", "gtrain", *map(str, args)]
+
+
+def clean_environment(fault: str = "", *, threads: int | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment without a launcher's variables (the suite itself may run
+    under SLURM or torchrun), with GTRAIN_FAULT (gtrain/faults.py) and, where `threads` is
+    given, OMP_NUM_THREADS: processes that share the 2 cores run one thread each."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "TORCHELASTIC_"))}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env["GTRAIN_FAULT"] = fault
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return {**env, **extra}
+
+
+def run_gtrain(*args, fault: str = "", torchrun: int = 0, restarts: int = 0, threads: int | None = None,
+               timeout: float = 300) -> SimpleNamespace:  # fmt: skip
+    """`gtrain ARGS` as a real process (see `gtrain_command`), so that signals, SIGKILL and
+    process groups are real: its returncode, stdout and stderr. The output goes to files,
+    not pipes: DataLoader workers that outlive a killed process hold a pipe open for up to
+    5 s, until they notice their parent is gone, and reading it would wait for them."""
+    command = gtrain_command(*args, torchrun=torchrun, restarts=restarts)
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        done = subprocess.run(command, stdout=stdout, stderr=stderr, text=True, timeout=timeout,
+                              env=clean_environment(fault, threads=threads))  # fmt: skip
+        stdout.seek(0), stderr.seek(0)
+        return SimpleNamespace(returncode=done.returncode, stdout=stdout.read(), stderr=stderr.read())
+
+
+def assert_same_weights(actual: dict, expected: dict) -> None:
+    """Two state dicts (as `safetensors.torch.load_file` reads them) equal tensor for tensor."""
+    import torch
+
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
 
 
 def write_mnist(root: Path, n_train: int = 200, n_test: int = 100, *, seed: int = 0) -> Path:

@@ -2,7 +2,6 @@
 exact validation, resume on any number of processes, and no hang when a worker dies."""
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import invoke, tiny_hornet, write_image_folder, write_mnist
+from tests.conftest import clean_environment, invoke, run_gtrain, tiny_hornet, write_image_folder, write_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -27,14 +26,21 @@ def recipe(tmp_path_factory):
     return tiny_hornet(root, {"data.batch_size": 64, "train.epochs": 2, "optim.name": "sgd", "optim.lr": 0.05})
 
 
-def run(*args, fault="", timeout=180):
-    env = {**os.environ, "GTRAIN_FAULT": fault, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+def torchrun(*args, fault="", timeout=180):
+    """`gtrain ARGS` as 2 processes under torchrun, one thread each."""
+    return run_gtrain(*args, torchrun=2, fault=fault, threads=1, timeout=timeout)
 
 
-def torchrun(*args, nproc=2, fault="", timeout=180):
-    return run("-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "gtrain", *args,
-               fault=fault, timeout=timeout)
+def eval_json(*args) -> dict:
+    """`gtrain eval ARGS --json`, here, on one thread as each training process had."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = invoke("eval", *args, "--json")
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
 
 
 def metrics(run_dir):
@@ -69,9 +75,7 @@ def test_distributed_validation_equals_single_process_eval(two_process_run):
     rows = metrics(out)
     best = next(r for r in rows if r["val_top1"] == max(r["val_top1"] for r in rows))
     for weights, logged in [(out, best), (out / "final.safetensors", rows[-1])]:
-        result = run("-m", "gtrain", "eval", weights, "--json")
-        assert result.returncode == 0, result.stderr
-        report = json.loads(result.stdout)
+        report = eval_json(weights)
         assert report["images"] == 66 and report["precision"] == "fp32"
         assert (report["top1"], report["top5"]) == (logged["val_top1"], logged["val_top5"])
         assert report["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
@@ -91,9 +95,7 @@ def test_two_processes_on_a_jpeg_folder_log_the_validation_gtrain_eval_gives(tmp
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics(out)
     best = next(r for r in rows if r["val_top1"] == max(r["val_top1"] for r in rows))
-    evaluated = run("-m", "gtrain", "eval", out, "--split", "val", "--json")  # the run's best weights
-    assert evaluated.returncode == 0, evaluated.stderr
-    report = json.loads(evaluated.stdout)
+    report = eval_json(out, "--split", "val")  # the run's best weights
     assert report["images"] == 21 and report["precision"] == "fp32"
     assert (report["top1"], report["top5"]) == (best["val_top1"], best["val_top5"])
     assert report["loss"] == pytest.approx(best["val_loss"], rel=1e-12)
@@ -132,13 +134,12 @@ def free_port():
 
 def test_two_nodes_rendezvous_on_localhost(tmp_path, recipe):
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GTRAIN_FAULT": ""}
     nodes = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}", "--nproc-per-node=1",
              "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "gtrain", "fit", *recipe,
              "--set", "train.epochs=1", "--out", str(tmp_path / "run")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_environment(threads=1),
         )
         for rank in (0, 1)
     ]

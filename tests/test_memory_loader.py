@@ -3,7 +3,6 @@ random shifts and flips that depend only on (seed, epoch, image)."""
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from gtrain.data import build_data
 from gtrain.data.loaders import EpochSampler, InMemoryLoader, load_uint8

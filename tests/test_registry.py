@@ -89,3 +89,22 @@ def test_overrides_leave_the_registered_variant_unchanged():
     create_model("resnext29_2x16d", num_classes=10, cardinality=4)
     assert get_model_entry("resnext29_2x16d").config.cardinality == 2
     assert create_model("resnext29_2x16d", num_classes=10).layer1[0].conv2.groups == 2
+
+
+def test_every_family_declares_its_classifier_and_stem():
+    """Fine-tuning replaces the classifier and adapts the stem by the names the family
+    registers: the Linear that gives the logits, and the one conv that sees the channels."""
+    from torch import nn
+
+    from gtrain.models import classifier_keys, stem_weight_key
+
+    for name in list_models():
+        with torch.device("meta"):
+            model = create_model(name, num_classes=7, in_chans=2)
+        weight, bias = classifier_keys(model)
+        head = model.get_submodule(weight.rsplit(".", 1)[0])
+        assert isinstance(head, nn.Linear) and head.out_features == 7 and bias.endswith(".bias"), name
+        stem = model.get_submodule(stem_weight_key(model).rsplit(".", 1)[0])
+        assert isinstance(stem, nn.Conv2d) and stem.in_channels == 2, name
+        first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        assert stem is first_conv, name

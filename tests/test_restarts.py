@@ -3,11 +3,8 @@ run again with --auto-resume, srun's processes stopped by SIGUSR1, and a second 
 that would train into a folder a live one holds. Real processes, 2 CPU processes, gloo."""
 
 import json
-import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from gtrain.distributed import World, first_host, slurm_rendezvous
-from tests.conftest import invoke, tiny_hornet, write_mnist
+from tests.conftest import (
+    assert_same_weights, clean_environment, gtrain_command, invoke, run_gtrain, tiny_hornet, write_mnist,
+)  # fmt: skip
 
 pytestmark = pytest.mark.slow
 
@@ -30,17 +29,9 @@ def recipe(tmp_path_factory):
                               "train.checkpoint_steps": 2})  # fmt: skip
 
 
-def environment(fault="", **extra):
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "TORCHELASTIC_"))}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return {**env, "GTRAIN_FAULT": fault, "OMP_NUM_THREADS": "1", **extra}
-
-
 def torchrun(*args, restarts=0, fault="", timeout=240):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               f"--max-restarts={restarts}", "-m", "gtrain", *map(str, args)]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, env=environment(fault), timeout=timeout)
+    """`gtrain ARGS` as 2 processes under torchrun, one thread each, restarted `restarts` times."""
+    return run_gtrain(*args, torchrun=2, restarts=restarts, fault=fault, threads=1, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +41,6 @@ def left_alone(tmp_path_factory, recipe):
     result = torchrun("fit", *recipe, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(out / "final.safetensors")
-
-
-def assert_same_weights(run_dir, reference):
-    weights = load_file(run_dir / "final.safetensors")
-    assert weights.keys() == reference.keys()
-    for key, value in reference.items():
-        assert torch.equal(weights[key], value), key
 
 
 def epochs_logged(run_dir):
@@ -77,7 +61,7 @@ def test_torchrun_restart_after_a_killed_worker_continues_as_if_left_alone(tmp_p
     assert "resuming after epoch 1, step 2" in result.stdout
     assert epochs_logged(out) == [1, 2]
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
-    assert_same_weights(out, left_alone)
+    assert_same_weights(load_file(out / "final.safetensors"), left_alone)
 
 
 def test_the_same_command_with_auto_resume_continues_after_every_process_was_killed(tmp_path, recipe, left_alone):
@@ -90,7 +74,7 @@ def test_the_same_command_with_auto_resume_continues_after_every_process_was_kil
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming after epoch 1, step 0" in again.stdout
     assert epochs_logged(out) == [1, 2]
-    assert_same_weights(out, left_alone)
+    assert_same_weights(load_file(out / "final.safetensors"), left_alone)
     # Once more (here in one process): the run has finished, so there is nothing to do, and
     # nothing is rewritten.
     before = (out / "final.safetensors").stat().st_mtime_ns
@@ -112,8 +96,8 @@ def srun_like(args, fault="", timeout=240):
     port = free_port()
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "gtrain", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=environment(fault, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS="2",
+            gtrain_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=clean_environment(fault, threads=1, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS="2",
                             SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="1", MASTER_PORT=str(port)),
         )  # fmt: skip
         for rank in (0, 1)
@@ -136,7 +120,7 @@ def test_srun_processes_train_as_torchrun_and_sigusr1_leaves_a_checkpoint_that_r
     (code0, out0, err0), (code1, _, err1) = srun_like(command)
     assert (code0, code1) == (0, 0), err0[-2000:] + err1[-2000:]
     assert epochs_logged(out) == [1, 2]  # one writer: each epoch once
-    assert_same_weights(out, left_alone)
+    assert_same_weights(load_file(out / "final.safetensors"), left_alone)
 
 
 def test_a_second_process_cannot_train_into_a_folder_a_live_one_holds(tmp_path, recipe):
@@ -144,9 +128,9 @@ def test_a_second_process_cannot_train_into_a_folder_a_live_one_holds(tmp_path, 
     single = recipe[:-2]  # without the checkpoints every 2 steps
     assert recipe[-2:] == ["--set", "train.checkpoint_steps=2"]
     # The holder stops itself (SIGSTOP) after step 6: alive, holding the folder, writing nothing.
-    holder = subprocess.Popen([sys.executable, "-m", "gtrain", "fit", *single, "--out", str(out)],
+    holder = subprocess.Popen(gtrain_command("fit", *single, "--out", out),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=environment("signal-at-step:6:SIGSTOP"))  # fmt: skip
+                              env=clean_environment("signal-at-step:6:SIGSTOP", threads=1))  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while open(f"/proc/{holder.pid}/stat").read().split(")")[-1].split()[0] != "T":
@@ -154,8 +138,8 @@ def test_a_second_process_cannot_train_into_a_folder_a_live_one_holds(tmp_path, 
             time.sleep(0.1)
         before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
-        second = subprocess.run([sys.executable, "-m", "gtrain", "fit", "--resume", str(out)], capture_output=True,
-                                text=True, env=environment(), timeout=120)  # fmt: skip
+        second = subprocess.run(gtrain_command("fit", "--resume", out), capture_output=True,
+                                text=True, env=clean_environment(threads=1), timeout=120)  # fmt: skip
         assert second.returncode == 2
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and f"is being trained by pid {holder.pid} on {socket.gethostname()} since" in lines[0]

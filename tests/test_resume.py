@@ -1,22 +1,17 @@
 """Runs survive interruption: a stopped run resumes bit-exact, a kill in the middle of a
 save leaves the previous checkpoint loadable, and a hostile or broken checkpoint is
-refused with one line. Each run is a real `python -m gtrain` process, signals included."""
+refused with one line. Every interrupted run is a real `python -m gtrain` process, so that
+its signals and SIGKILL are real; the runs it is compared with, and the resumed ones, may
+run in this process."""
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from gtrain.cli import app
-from tests.conftest import tiny_hornet, write_image_folder, write_mnist
+from tests.conftest import assert_same_weights, invoke, run_gtrain, tiny_hornet, write_image_folder, write_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -28,35 +23,12 @@ def fast(tmp_path_factory):
     return tiny_hornet(root, {"data.batch_size": 64, "train.epochs": 2, "train.deterministic": True, "model.drop_path_rate": 0.1})
 
 
-def gtrain(*args, fault=None):
-    """A real process, so that signals and SIGKILL are real. Its output goes to files, not
-    pipes: DataLoader workers that outlive a killed process hold a pipe open for up to 5 s,
-    until they notice their parent is gone, and reading it would wait for them."""
-    env = {**os.environ, "GTRAIN_FAULT": fault or ""}
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        done = subprocess.run([sys.executable, "-m", "gtrain", *map(str, args)], stdout=stdout, stderr=stderr, text=True,
-                              env=env, timeout=300)  # fmt: skip
-        stdout.seek(0), stderr.seek(0)
-        return SimpleNamespace(returncode=done.returncode, stdout=stdout.read(), stderr=stderr.read())
-
-
-def gtrain_in_process(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return SimpleNamespace(returncode=result.exit_code, stderr=result.output)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, fast):
     run = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = gtrain_in_process("fit", *fast, "--out", run)
-    assert result.returncode == 0, result.stderr
+    result = invoke("fit", *fast, "--out", run)
+    assert result.exit_code == 0, result.output
     return load_file(run / "final.safetensors")
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize(
@@ -66,11 +38,11 @@ def assert_same_weights(a, b):
 )
 def test_resume_is_bit_exact(tmp_path, fast, uninterrupted, fault, exit_code):
     run = tmp_path / "run"
-    stopped = gtrain("fit", *fast, "--out", run, fault=fault)
+    stopped = run_gtrain("fit", *fast, "--out", run, fault=fault)
     assert stopped.returncode == exit_code, stopped.stderr
     assert f"gtrain fit --resume {run}" in stopped.stderr
-    resumed = gtrain_in_process("fit", "--resume", run)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = invoke("fit", "--resume", run)
+    assert resumed.exit_code == 0, resumed.output
     assert_same_weights(load_file(run / "final.safetensors"), uninterrupted)
 
 
@@ -83,12 +55,12 @@ FEATURES = ["--set", "train.ema_decay=0.9", "--set", "train.accumulate_steps=2",
 def test_resume_is_bit_exact_with_training_features(tmp_path, fast):
     features = FEATURES
     reference, run = tmp_path / "reference", tmp_path / "run"
-    assert gtrain_in_process("fit", *fast, *features, "--out", reference).returncode == 0
-    stopped = gtrain("fit", *fast, *features, "--out", run, fault="signal-at-step:3:SIGTERM")
+    assert invoke("fit", *fast, *features, "--out", reference).exit_code == 0
+    stopped = run_gtrain("fit", *fast, *features, "--out", run, fault="signal-at-step:3:SIGTERM")
     assert stopped.returncode == 75, stopped.stderr
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
-    resumed = gtrain_in_process("fit", "--resume", run)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = invoke("fit", "--resume", run)
+    assert resumed.exit_code == 0, resumed.output
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert_same_weights(load_file(run / "final.safetensors"), load_file(reference / "final.safetensors"))
     assert_same_weights(load_file(run / "final_ema.safetensors"), load_file(reference / "final_ema.safetensors"))
@@ -96,16 +68,16 @@ def test_resume_is_bit_exact_with_training_features(tmp_path, fast):
 
 def test_kill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path, fast, uninterrupted):
     run = tmp_path / "run"
-    first = gtrain("fit", *fast, "--out", run, fault="signal-at-step:3:SIGINT")
+    first = run_gtrain("fit", *fast, "--out", run, fault="signal-at-step:3:SIGINT")
     assert first.returncode == 130
     before = (run / "checkpoints" / "last.pt").read_bytes()
-    killed = gtrain("fit", "--resume", run, fault="kill-during-save:last.pt")
+    killed = run_gtrain("fit", "--resume", run, fault="kill-during-save:last.pt")
     assert killed.returncode == -9
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["step_in_epoch"] == 3
 
-    resumed = gtrain_in_process("fit", "--resume", run)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = invoke("fit", "--resume", run)
+    assert resumed.exit_code == 0, resumed.output
     assert_same_weights(load_file(run / "final.safetensors"), uninterrupted)
 
 
@@ -122,7 +94,7 @@ class Payload:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, fast):
     run = tmp_path_factory.mktemp("finished") / "run"
-    assert gtrain_in_process("fit", *fast, "--set", "train.epochs=1", "--out", run).returncode == 0
+    assert invoke("fit", *fast, "--set", "train.epochs=1", "--out", run).exit_code == 0
     return run
 
 
@@ -132,11 +104,11 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, 
     original = last.read_bytes()
     try:
         torch.save({"model": Payload(marker)}, last)
-        result = gtrain_in_process("fit", "--resume", finished_run, "--set", "train.epochs=2")
+        result = invoke("fit", "--resume", finished_run, "--set", "train.epochs=2")
     finally:
         last.write_bytes(original)
-    assert result.returncode == 2
-    assert "not a valid gtrain checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert result.exit_code == 2
+    assert "not a valid gtrain checkpoint" in result.output and "Traceback" not in result.output
     assert not marker.exists()
 
 
@@ -145,19 +117,19 @@ def test_truncated_checkpoint_is_one_line(tmp_path, finished_run):
     original = last.read_bytes()
     try:
         last.write_bytes(original[: len(original) // 3])
-        result = gtrain_in_process("fit", "--resume", finished_run, "--set", "train.epochs=2")
+        result = invoke("fit", "--resume", finished_run, "--set", "train.epochs=2")
     finally:
         last.write_bytes(original)
-    assert result.returncode == 2
-    assert "not a valid gtrain checkpoint" in result.stderr and "Traceback" not in result.stderr
-    assert len([line for line in result.stderr.strip().splitlines() if line.startswith("error:")]) == 1
+    assert result.exit_code == 2
+    assert "not a valid gtrain checkpoint" in result.output and "Traceback" not in result.output
+    assert len([line for line in result.output.strip().splitlines() if line.startswith("error:")]) == 1
 
 
 def test_resume_with_a_changed_recipe_lists_the_changed_keys(finished_run):
-    result = gtrain_in_process("fit", "--resume", finished_run, "--set", "train.epochs=2", "--set", "optim.lr=0.5",
+    result = invoke("fit", "--resume", finished_run, "--set", "train.epochs=2", "--set", "optim.lr=0.5",
                     "--set", "train.seed=3")
-    assert result.returncode == 2
-    assert "differs from the one it was trained with in optim.lr, train.seed" in result.stderr
+    assert result.exit_code == 2
+    assert "differs from the one it was trained with in optim.lr, train.seed" in result.output
 
 
 def test_weights_of_another_model_are_refused_by_eval(tmp_path, finished_run):
@@ -167,16 +139,16 @@ def test_weights_of_another_model_are_refused_by_eval(tmp_path, finished_run):
     _, meta = read_weights(finished_run / "final.safetensors")
     wider = create_model(meta.model, num_classes=10, in_chans=1, base_width=48)
     save_weights(tmp_path / "other.safetensors", wider, meta)  # the metadata still says the original width
-    result = gtrain_in_process("eval", tmp_path / "other.safetensors")
-    assert result.returncode == 2
-    assert "its tensors are not those of" in result.stderr and "of another shape" in result.stderr
+    result = invoke("eval", tmp_path / "other.safetensors")
+    assert result.exit_code == 2
+    assert "its tensors are not those of" in result.output and "of another shape" in result.output
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, fast):
-    result = gtrain_in_process("fit", *fast, "--set", "optim.lr=1e30", "--set", "optim.warmup_epochs=0", "--out", tmp_path / "r")
-    assert result.returncode == 2, result.stderr
-    assert "the training loss became NaN or infinite at step" in result.stderr
-    assert "optim.clip_grad_norm" in result.stderr
+    result = invoke("fit", *fast, "--set", "optim.lr=1e30", "--set", "optim.warmup_epochs=0", "--out", tmp_path / "r")
+    assert result.exit_code == 2, result.output
+    assert "the training loss became NaN or infinite at step" in result.output
+    assert "optim.clip_grad_norm" in result.output
     status = json.loads((tmp_path / "r" / "run.json").read_text())
     assert status["status"] == "failed" and "NaN or infinite" in status["error"]
 
@@ -184,22 +156,22 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, fast):
 def test_unwritable_output_folder_is_one_line(tmp_path, fast):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = gtrain_in_process("fit", *fast, "--out", blocker / "run")
-    assert result.returncode == 2
-    assert "cannot write" in result.stderr and "--out" in result.stderr and "Traceback" not in result.stderr
+    result = invoke("fit", *fast, "--out", blocker / "run")
+    assert result.exit_code == 2
+    assert "cannot write" in result.output and "--out" in result.output and "Traceback" not in result.output
 
 
 # Each pipeline (gtrain.data.Pipeline) as a user's recipe reaches it: (recipe arguments, steps per epoch).
 PIPELINES = {
-    "in-memory-digits": ["--set", "data.dataset=digits", "--set", "data.batch_size=256"],
+    "in-memory-digits": ["--set", "data.dataset=digits", "--set", "data.batch_size=256", "--set", "train.epochs=2"],
     "uint8-jpeg-trivialaugment-erasing": ["--set", "data.auto_augment=trivialaugment", "--set", "data.random_erasing=0.5",
                                           "--set", "data.random_erasing_fill=noise"],
     "float-pil-timm-randaugment": ["--set", "data.auto_augment=rand-m9-mstd0.5-inc1", "--set", "data.random_erasing=0.5"],
     "device-decode": ["--set", "data.decode=device", "--set", "data.auto_augment=trivialaugment",
                       "--set", "data.random_erasing=0.5"],
 }  # fmt: skip
-# A checkpoint every 2 steps; the kill comes after a mid-epoch one, in epoch 2 of 3 (3 steps
-# per epoch on the JPEGs, 5 on the digits).
+# A checkpoint every 2 steps; the kill comes after a mid-epoch one, in epoch 2 (of 3, with 3
+# steps per epoch, on the JPEGs; of 2, with 5, on the digits).
 KILL_AT = {"in-memory-digits": 7, "default": 5}
 
 
@@ -228,8 +200,8 @@ def left_alone(tmp_path_factory, jpeg_folder):
     def reference(name):
         if name not in weights:
             out = tmp_path_factory.mktemp(name) / "run"
-            result = gtrain_in_process("fit", *pipeline_recipe(name, jpeg_folder), "--set", "data.workers=0", "--out", out)
-            assert result.returncode == 0, result.stderr
+            result = invoke("fit", *pipeline_recipe(name, jpeg_folder), "--set", "data.workers=0", "--out", out)
+            assert result.exit_code == 0, result.output
             weights[name] = load_file(out / "final.safetensors")
         return weights[name]
 
@@ -251,11 +223,11 @@ def test_a_killed_run_resumes_bit_exact_on_every_pipeline_with_any_workers(
     workers before and after: every draw of the augmentation belongs to its image."""
     kill_at = KILL_AT.get(pipeline, KILL_AT["default"])
     run = tmp_path / "run"
-    killed = gtrain("fit", *pipeline_recipe(pipeline, jpeg_folder), "--set", f"data.workers={workers}", "--out", run,
+    killed = run_gtrain("fit", *pipeline_recipe(pipeline, jpeg_folder), "--set", f"data.workers={workers}", "--out", run,
                     fault=f"kill-at-step:{kill_at}")  # fmt: skip
     assert killed.returncode == -9, killed.stderr
     if pipeline != "in-memory-digits":
         assert f"{workers} workers" in killed.stdout  # the start panel names the pipeline
-    resumed = gtrain_in_process("fit", "--resume", run, "--set", f"data.workers={resumed_workers}")
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = invoke("fit", "--resume", run, "--set", f"data.workers={resumed_workers}")
+    assert resumed.exit_code == 0, resumed.output
     assert_same_weights(load_file(run / "final.safetensors"), left_alone(pipeline))

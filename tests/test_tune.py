@@ -2,16 +2,14 @@
 whose best trial's recipe trains to the same top-1 again."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import invoke
+from tests.conftest import gtrain_command, invoke
 
 optuna = pytest.importorskip("optuna")
 
@@ -21,10 +19,6 @@ optuna = pytest.importorskip("optuna")
 QUICK = ["quickstart", "--set", "train.epochs=2", "--set", "model.stage_depths=[1, 1, 1]",
          "--set", "train.precision=fp32", "--set", "train.deterministic=true"]  # fmt: skip
 SPACE = '"optim.lr" = {low = 1e-4, high = 0.3, log = true}\n"optim.weight_decay" = [1e-4, 5e-4]\n'
-
-
-def gtrain(*args) -> list[str]:
-    return [sys.executable, "-m", "gtrain", *map(str, args)]
 
 
 def study_trials(out: Path):
@@ -45,7 +39,7 @@ def space(tmp_path) -> Path:
 @pytest.mark.slow
 def test_two_processes_share_one_study(tmp_path, space):
     out = tmp_path / "study"
-    command = gtrain("tune", *QUICK, "--set", "train.epochs=1", "--space", space, "--out", out, "--trials", 1, "--json")
+    command = gtrain_command("tune", *QUICK, "--set", "train.epochs=1", "--space", space, "--out", out, "--trials", 1, "--json")
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = []
     for process in processes:
@@ -68,7 +62,7 @@ def test_two_processes_share_one_study(tmp_path, space):
 @pytest.mark.slow
 def test_interrupted_study_continues_prunes_and_its_best_recipe_trains_the_same(tmp_path, space):
     out = tmp_path / "study"
-    command = gtrain("tune", *QUICK, "--space", space, "--out", out, "--startup-trials", 1, "--seed", 0)
+    command = gtrain_command("tune", *QUICK, "--space", space, "--out", out, "--startup-trials", 1, "--seed", 0)
     # Ctrl-C in the second trial: the first stays in the study, the second is marked.
     process = subprocess.Popen([*command, "--trials", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:

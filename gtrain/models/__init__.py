@@ -5,9 +5,14 @@
 """
 
 from gtrain.models import hornet, resnext
-from gtrain.models.registry import ModelEntry, create_model, get_model_entry, list_models, register_family
+from gtrain.models.registry import (
+    ModelEntry, ModelParts, classifier_keys, create_model, get_model_entry, list_models, register_family, stem_weight_key,
+)  # fmt: skip
 
-register_family("resnext", resnext.VARIANTS, resnext.ResNeXt, resnext.NUM_CLASSES)
-register_family("hornet", hornet.VARIANTS, hornet.HorNet, hornet.NUM_CLASSES)
+register_family("resnext", resnext.VARIANTS, resnext.ResNeXt, resnext.NUM_CLASSES, ModelParts(classifier="fc", stem="conv1"))
+register_family("hornet", hornet.VARIANTS, hornet.HorNet, hornet.NUM_CLASSES,
+                ModelParts(classifier="head", stem="downsample_layers.0.0"))  # fmt: skip
 
-__all__ = ["ModelEntry", "create_model", "get_model_entry", "list_models"]
+__all__ = [
+    "ModelEntry", "ModelParts", "classifier_keys", "create_model", "get_model_entry", "list_models", "stem_weight_key",
+]  # fmt: skip

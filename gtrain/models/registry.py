@@ -28,17 +28,40 @@ class ModelEntry:
         return self.config.input_size
 
 
+@dataclass(frozen=True)
+class ModelParts:
+    """Where a family keeps the two layers that depend on the data rather than the
+    architecture, as timm's pretrained_cfg names them: fine-tuning replaces the classifier
+    for another class count and adapts the stem for another number of input channels."""
+
+    classifier: str  # the Linear that gives the logits
+    stem: str  # the first convolution, the only one that sees the image's channels
+
+
 _REGISTRY: dict[str, ModelEntry] = {}
+_PARTS: dict[type[nn.Module], ModelParts] = {}
 
 
 def register_family(
-    family: str, variants: dict[str, Any], model_class: type[nn.Module], num_classes: dict[str, int]
+    family: str, variants: dict[str, Any], model_class: type[nn.Module], num_classes: dict[str, int], parts: ModelParts
 ) -> None:
     """`num_classes`: the published class count of the variants not made for ImageNet-1k."""
     for name, config in variants.items():
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = ModelEntry(name, family, config, model_class, num_classes.get(name, 1000))
+    _PARTS[model_class] = parts
+
+
+def classifier_keys(model: nn.Module) -> tuple[str, ...]:
+    """The state_dict keys of the model's classifier (weight, then bias)."""
+    name = _PARTS[type(model)].classifier
+    return tuple(f"{name}.{key}" for key, _ in model.get_submodule(name).named_parameters(recurse=False))
+
+
+def stem_weight_key(model: nn.Module) -> str:
+    """The state_dict key of the weight of the model's stem convolution."""
+    return f"{_PARTS[type(model)].stem}.weight"
 
 
 def list_models() -> list[str]:
