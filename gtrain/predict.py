@@ -61,10 +61,16 @@ def _evaluation(meta: WeightsMeta) -> tuple[Any, bool]:
     from gtrain.data import DATASETS, IMAGE_FOLDER_SPEC
     from gtrain.data.datasets import evaluation_pipeline
 
+    if meta.in_chans not in (1, 3):
+        raise UserError(
+            f"these weights take images of {meta.in_chans} channels, and gtrain predict reads images as grayscale "
+            "(1 channel) or RGB (3): classify preprocessed tensors with gtrain.Classifier instead"
+        )
     spec = DATASETS.get(meta.dataset, IMAGE_FOLDER_SPEC)
     transform, _ = evaluation_pipeline(spec, meta.image_size, meta.interpolation, meta.resize_size)
-    if spec.style != "cifar":
+    if spec.style != "cifar" and meta.in_chans == 3:
         return transform, True
+    # Small images, or a grayscale model on photos: PIL converts to the model's mode first.
     return transforms.Compose([ConvertMode("L" if meta.in_chans == 1 else "RGB"), *transform.transforms]), False
 
 

@@ -116,6 +116,17 @@ def test_damaged_weights_files_work_or_are_one_line_within_bounded_memory(tmp_pa
         shutil.rmtree(tmp_path / "run", ignore_errors=True)  # the next example trains into it again
 
 
+@pytest.mark.parametrize("dataset", ["", "ImageFolder"])
+def test_a_grayscale_model_whose_dataset_is_not_a_small_image_one_predicts_in_its_own_mode(tmp_path, valid_file, dataset):
+    """Photo preprocessing reads RGB; a 1-channel model gets the images in mode "L" anyway."""
+    meta, tensors, images, _ = valid_file
+    save_file(tensors, tmp_path / "gray.safetensors", metadata={**meta, "dataset": dataset})
+    result = invoke("predict", tmp_path / "gray.safetensors", images, "--workers", "0", "--json")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert len(records) == 2 and all(len(record["predictions"]) == 5 for record in records)
+
+
 def test_control_characters_in_class_names_reach_the_terminal_escaped(tmp_path):
     root = write_image_folder(tmp_path / "images", class_names=(ESC_NAME, RTL_NAME, "plain"), size=16,
                               images_per_class={"train": 6, "val": 3})  # fmt: skip
