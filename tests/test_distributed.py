@@ -91,11 +91,12 @@ def test_two_processes_on_a_jpeg_folder_log_the_validation_gtrain_eval_gives(tmp
     result = torchrun("fit", "quickstart", "--set", "data.dataset=ImageFolder", "--set", f"data.root={root}",
                       "--set", "data.image_size=16", "--set", "data.batch_size=8", "--set", "data.workers=2",
                       "--set", "data.auto_augment=trivialaugment", "--set", "model.stage_depths=[1, 1, 1]",
-                      "--set", "train.precision=fp32", "--set", "train.epochs=2", "--out", out)  # fmt: skip
+                      "--set", "train.precision=fp32", "--set", "train.epochs=2", "--set", "train.device=cpu",
+                      "--out", out)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics(out)
     best = next(r for r in rows if r["val_top1"] == max(r["val_top1"] for r in rows))
-    report = eval_json(out, "--split", "val")  # the run's best weights
+    report = eval_json(out, "--split", "val", "--device", "cpu")  # the run's best weights
     assert report["images"] == 21 and report["precision"] == "fp32"
     assert (report["top1"], report["top5"]) == (best["val_top1"], best["val_top5"])
     assert report["loss"] == pytest.approx(best["val_loss"], rel=1e-12)
