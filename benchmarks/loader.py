@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from gtrain.data.datasets import IMAGE_FOLDER_SPEC, build_data, train_transform
+from gtrain.recipe import DataSection
 from gtrain.data.loaders import build_loaders
 from gtrain.distributed import World
 
@@ -82,7 +83,7 @@ def loader(dataset, workers: int, device: torch.device, collate_fn=None) -> Data
 def gtrain_training_loader(root: Path, workers: int, device: torch.device, **settings):
     """The loader `gtrain fit` trains from (its sampler, each image's own random stream, the
     device's finish), and its sampler."""
-    data = build_data("ImageFolder", root=root, download=False, image_size=SIZE, **settings)
+    data = build_data(DataSection(dataset="ImageFolder", root=str(root), image_size=SIZE, **settings))
     train, sampler, _ = build_loaders(data, global_batch=BATCH, seed=0, workers=workers, device=device, world=World())
     return train, sampler
 

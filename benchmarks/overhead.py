@@ -4,8 +4,9 @@ Both loops train the same model from the same seed on the same in-memory data (a
 TensorDataset of random images, moved to the device batch by batch as `gtrain fit`
 does), with the same batch, precision, memory format, SGD settings and DataLoader
 settings, for the same number of timed steps after the same warm-up. gtrain's side is
-`gtrain.train.train_steps` set up as `fit` sets it up (EpochSampler loader, param-group
-optimizer, LR scheduler, GradScaler, non-finite-loss guard, progress reporter); the hand
+`Trainer.train` (gtrain/trainer.py) set up as `fit` sets it up (EpochSampler loader,
+param-group optimizer, LR scheduler, GradScaler, non-finite-loss guard, progress reporter,
+the stop agreement), timed as it times an epoch for metrics.jsonl; the hand
 loop is forward, cross_entropy, zero_grad, backward, step. Every run is its own process
 and the two alternate, so neither inherits the other's allocator or caches and slow
 phases of a shared machine hit both alike. Target (the issue): gtrain's images/s at
@@ -28,12 +29,13 @@ import argparse
 import io
 import itertools
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -41,15 +43,14 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from gtrain import runtime
-from gtrain.distributed import World
 from gtrain.data.loaders import make_train_loader
 from gtrain.models import create_model
 from gtrain.optim import build_optimizer, build_scheduler
 from gtrain.progress import Reporter
-from gtrain.recipe import OptimSection
-from gtrain.train import LoopSettings, StopRequest, train_steps
-from gtrain.training_run import StepSettings
-from gtrain.training_run import TrainingRun
+from gtrain.recipe import OptimSection, Recipe
+from gtrain.run_folder import MetricsLog, RunFolder, RunStatus
+from gtrain.stopping import StopRequest
+from gtrain.trainer import RunRecords, Trainer, TrainerSettings
 
 NUM_CLASSES = 10
 WARMUP_STEPS = 3  # first-call allocation, oneDNN primitive and cuDNN kernel selection
@@ -62,33 +63,31 @@ def run_gtrain(model, dataset, *, args, device, precision, channels_last) -> flo
     loader, sampler = make_train_loader(
         dataset, global_batch=args.batch_size, seed=0, workers=0, pin_memory=device.type == "cuda"
     )
+    val_loader = DataLoader(TensorDataset(*dataset[: args.batch_size]), batch_size=args.batch_size)
     optimizer = build_optimizer(model, OPTIM)
-    run = TrainingRun(
+    trainer = Trainer(
         model=model, step_model=model, eval_model=model, optimizer=optimizer,
         scheduler=build_scheduler(optimizer, steps_per_epoch=args.steps, epochs=2, optim=OPTIM),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        settings=TrainerSettings(device=device, precision=precision, channels_last=channels_last,
+                                 num_classes=NUM_CLASSES, steps_per_epoch=args.steps),
+        recipe=Recipe(optim=OPTIM), loaders=(loader, sampler, val_loader),
     )  # fmt: skip
-    settings = LoopSettings(
-        step=StepSettings(device=device, precision=precision), channels_last=channels_last, mix=None, seed=0,
-        steps_per_epoch=args.steps, pause_after_s=math.inf, checkpoint_steps=None, world=World(),
-    )  # fmt: skip
+    for step, (images, labels) in enumerate(itertools.islice(loader, WARMUP_STEPS)):
+        trainer.train_step(images, labels, step)
+    sampler.set_epoch(0)
+    synchronize(device)
     # Not a terminal: the reporter takes its plain path, as under CI or with output to a file.
-    reporter = Reporter(Console(file=io.StringIO()))
-
-    def epoch(batches, global_step: int):
-        reporter.epoch_start(1, 1, args.steps)
-        totals, _ = train_steps(
-            run, batches, settings, first_step=0, global_step=global_step, reporter=reporter, stop=StopRequest()
-        )
-        return totals
-
-    epoch(itertools.islice(loader, WARMUP_STEPS), global_step=0)
-    sampler.set_epoch(1)
-    synchronize(device)
-    start = time.perf_counter()
-    segment = epoch(loader, global_step=WARMUP_STEPS)  # ends with loss.item(): synchronised
-    synchronize(device)
-    return segment.images / (time.perf_counter() - start)
+    # Not the main process: nothing is written.
+    paths = RunFolder(Path(tempfile.mkdtemp()))
+    records = RunRecords(
+        paths=paths, meta=None, reporter=Reporter(Console(file=io.StringIO())), is_main=False,
+        metrics_log=MetricsLog(paths, tensorboard=False, enabled=False), status=RunStatus(paths, {}, enabled=False),
+    )  # fmt: skip
+    trainer.train(records, StopRequest())
+    # The epoch's images/s as the loop measures it: from its first batch to its last step's
+    # loss on the host (synchronised), validation left out.
+    return trainer.progress.history[-1]["images_per_s"]
 
 
 def run_hand(model, dataset, *, args, device, precision, channels_last) -> float:

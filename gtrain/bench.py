@@ -1,7 +1,7 @@
 """`gtrain bench`: how fast one model trains and infers here, and how close to the GPU's peak.
 
-A training step is forward, loss, backward and an SGD-with-momentum step, as in
-`gtrain fit`, on random images already on the device, so the data pipeline is left
+A training step is `gtrain fit`'s (the trainer's `train_step`: forward, loss, backward and
+here an SGD-with-momentum step) on random images already on the device, so the data pipeline is left
 out. Both training and inference are timed in `repeats` groups of `steps` steps after
 `warmup` steps; a result is the median over the groups, with their spread.
 
@@ -10,8 +10,8 @@ training step is taken as 3x the forward: torch.utils.flop_counter's backward co
 wrong for grouped convolutions, and the backward of a conv or matmul costs two forwards
 (the gradient of the input and of the weight).
 
-    from gtrain.bench import run_bench
-    result = run_bench("resnext29_8x64d", batch_size=256, precision="bf16", device="cuda")
+    from gtrain.bench import BenchSettings, run_bench
+    result = run_bench("resnext29_8x64d", BenchSettings(batch_size=256, precision="bf16", device="cuda"))
     print(result.to_json())
 """
 
@@ -31,7 +31,9 @@ from gtrain import runtime
 from gtrain.errors import UserError
 from gtrain.models import create_model, get_model_entry
 from gtrain.models.summary import count_flops
-from gtrain.training_run import StepSettings, TrainingRun
+from gtrain.distributed import World
+from gtrain.recipe import Recipe
+from gtrain.trainer import Trainer, check_batch_split, load_data
 
 # Dense tensor-core peaks in TFLOP/s from NVIDIA's data sheets (their headline figures
 # are with 2:4 sparsity, twice these). fp32 is measured against the TF32 peak: PyTorch
@@ -95,26 +97,46 @@ def forward_flops(model_name: str, image_size: int, num_classes: int = 1000) -> 
     return count_flops(model, image_size)
 
 
-def run_bench(
-    model_name: str,
-    *,
-    batch_size: int,
-    image_size: int | None = None,
-    precision: str = "auto",
-    channels_last: bool | None = None,
-    compile: bool = False,
-    device: str = "auto",
-    steps: int = 20,
-    warmup: int = 5,
-    repeats: int = 5,
-    num_classes: int = 1000,
-    in_chans: int = 3,
-    model_settings: dict | None = None,
-) -> BenchResult:
-    """Time training steps and inference of `model_name`. `image_size` None: the model's
-    default; `channels_last` None: as `gtrain fit` decides (on for CUDA)."""
-    entry = get_model_entry(model_name)
-    image_size = image_size or entry.input_size
+@dataclass(frozen=True)
+class BenchSettings:
+    """What `gtrain bench MODEL` times, and how."""
+
+    batch_size: int = 64
+    image_size: int | None = None  # px; None: the model's default
+    precision: str = "auto"
+    channels_last: bool | None = None  # None: as `gtrain fit` decides
+    compile: bool = False
+    device: str = "auto"
+    steps: int = 20  # timed steps per repeat
+    warmup: int = 5  # untimed steps first
+    repeats: int = 5  # timed groups; the result is their median
+
+
+def model_recipe(model_name: str, settings: BenchSettings) -> Recipe:
+    """A recipe that trains `model_name` as `settings` say, with plain SGD at a constant lr."""
+    layout = {None: "auto", True: "on", False: "off"}[settings.channels_last]
+    return Recipe.model_validate({
+        "model": {"name": model_name},
+        "optim": {"name": "sgd", "lr": 1e-3, "nesterov": False, "weight_decay": 0.0, "schedule": "constant"},
+        "train": {"precision": settings.precision, "channels_last": layout, "compile": settings.compile, "epochs": 1},
+    })  # fmt: skip
+
+
+def run_bench(model_name: str, settings: BenchSettings) -> BenchResult:
+    """Time training steps and inference of `model_name`."""
+    get_model_entry(model_name)  # an unknown name: one line that suggests the nearest
+    runtime.resolve_precision(settings.precision, runtime.resolve_device(settings.device))  # --precision's own message
+    return time_recipe_model(model_recipe(model_name, settings), settings)
+
+
+def time_recipe_model(
+    recipe: Recipe, settings: BenchSettings, *, num_classes: int = 1000, in_chans: int = 3
+) -> BenchResult:  # fmt: skip
+    """Time the training step of `recipe`'s model as `gtrain fit` takes it (its optimizer,
+    precision, memory format, compilation and micro-batches), and its inference."""
+    model_name = recipe.model.name
+    image_size = settings.image_size or get_model_entry(model_name).input_size
+    batch_size, steps, warmup, repeats = settings.batch_size, settings.steps, settings.warmup, settings.repeats
     for name, value, least in [
         ("batch size", batch_size, 1),
         ("image size", image_size, 1),
@@ -124,35 +146,24 @@ def run_bench(
     ]:
         if value < least:
             raise UserError(f"{name} = {value}: must be at least {least}")
-    device_ = runtime.resolve_device(device)
-    precision = runtime.resolve_precision(precision, device_)
-    if channels_last is None:
-        channels_last = runtime.resolve_channels_last("auto", device_)
+    device_ = runtime.resolve_device(settings.device)
     # As `gtrain fit` does unless train.deterministic: cuDNN picks the fastest kernels.
     torch.backends.cudnn.benchmark = True
-
-    model = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **(model_settings or {})).to(device_)
+    trainer = Trainer.for_model(recipe, num_classes=num_classes, in_chans=in_chans, steps_per_epoch=1, world=World(),
+                                device=device_)  # fmt: skip
+    precision, channels_last = trainer.settings.precision, trainer.settings.channels_last
     images = torch.randn(batch_size, in_chans, image_size, image_size, device=device_)
     labels = torch.randint(0, num_classes, (batch_size,), device=device_)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    forward = torch.compile(model) if compile else model
-    # The step `gtrain fit` takes, on a run of this model alone.
-    run = TrainingRun(
-        model=model, step_model=forward, eval_model=forward, optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-        scaler=torch.amp.GradScaler(device_.type, enabled=precision == "fp16"),
-    )  # fmt: skip
 
     timing = dict(batch_size=batch_size, steps=steps, warmup=warmup, repeats=repeats, device=device_)
-    model.train()
-    train_step = functools.partial(run.train_step, images, labels, StepSettings(device_, precision))
-    train_rates = _images_per_s(train_step, **timing)
-    model.eval()
-    infer_rates = _images_per_s(functools.partial(_infer_step, forward, images, device_, precision), **timing)
+    trainer.step_model.train()
+    train_rates = _images_per_s(functools.partial(trainer.train_step, images, labels, 0), **timing)
+    trainer.model.eval()
+    infer_rates = _images_per_s(functools.partial(_infer_step, trainer.eval_model, images, device_, precision), **timing)
 
+    model_settings = recipe.model_overrides()
     flops_per_image = forward_flops(model_name, image_size, num_classes) if in_chans == 3 and not model_settings else 0
     train_images_per_s = statistics.median(train_rates)
     tflops = 3 * flops_per_image * train_images_per_s / 1e12
@@ -160,7 +171,7 @@ def run_bench(
     peak = peak_tflops(name, precision) if device_.type == "cuda" else None
     return BenchResult(
         model=model_name, device=str(device_), device_name=name, torch_version=torch.__version__,
-        precision=precision, channels_last=channels_last, compiled=compile,
+        precision=precision, channels_last=channels_last, compiled=recipe.train.compile,
         batch_size=batch_size, image_size=image_size, steps=steps, repeats=repeats,
         train_images_per_s=train_images_per_s, train_spread_pct=_spread_pct(train_rates),
         infer_images_per_s=statistics.median(infer_rates), infer_spread_pct=_spread_pct(infer_rates),
@@ -199,8 +210,6 @@ def run_data_bench(
     step on the same device at the same batch."""
     from gtrain.data import Pipeline
     from gtrain.data.loaders import build_loaders
-    from gtrain.distributed import World
-    from gtrain.train import check_batch_split, load_data
 
     if batches < 1 or warmup < 0:
         raise UserError(f"--batches {batches} and --warmup {warmup}: need at least 1 batch and no negative warmup")
@@ -214,8 +223,6 @@ def run_data_bench(
         world=world,
     )  # fmt: skip
     decodes_on_device = data.pipeline == Pipeline.DEVICE_DECODE
-    path = f"{data.pipeline} ({data.pipeline.description}"
-    path += ")" if data.pipeline == Pipeline.IN_MEMORY else f", {recipe.data.workers} workers)"
     images, epoch, timed, start = 0, 0, -warmup, time.perf_counter()
     while timed < batches:
         sampler.set_epoch(epoch)
@@ -232,17 +239,14 @@ def run_data_bench(
         epoch += 1
     _synchronize(device_)
     loader_rate = images / (time.perf_counter() - start)
-    # The step as fit takes it: on each micro-batch of train.accumulate_steps, compiled or not.
-    step = run_bench(
-        recipe.model.name, batch_size=len(inputs) // train.accumulate_steps, image_size=data.info.image_size,
-        precision=train.precision, channels_last=runtime.resolve_channels_last(train.channels_last, device_),
-        compile=train.compile, device=str(device_), steps=steps, warmup=2, repeats=repeats,
-        num_classes=data.info.num_classes, in_chans=data.info.in_chans, model_settings=recipe.model_overrides(),
-    )  # fmt: skip
+    # The step as fit takes it: its optimizer, precision, memory format and micro-batches.
+    timing = BenchSettings(batch_size=len(inputs), image_size=data.info.image_size, device=str(device_), steps=steps,
+                           warmup=2, repeats=repeats)  # fmt: skip
+    step = time_recipe_model(recipe, timing, num_classes=data.info.num_classes, in_chans=data.info.in_chans)
     train_rate = step.train_images_per_s
     return DataBenchResult(
-        recipe=recipe_name, device=str(device_), loader=path, batch_size=len(inputs), image_size=data.info.image_size,
-        batches=batches, loader_images_per_s=loader_rate, train_images_per_s=train_rate,
+        recipe=recipe_name, device=str(device_), loader=data.pipeline.label(recipe.data.workers),
+        batch_size=len(inputs), image_size=data.info.image_size, batches=batches, loader_images_per_s=loader_rate, train_images_per_s=train_rate,
         limited_by="data" if loader_rate < train_rate else "model",
         # Workers overlap the step, so only a slower loader makes it wait; decoding on the
         # device runs between steps, so its time adds to theirs.

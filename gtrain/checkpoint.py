@@ -26,7 +26,6 @@ from gtrain.version import __version__
 from gtrain.errors import UserError, did_you_mean, error_line, printable
 from gtrain.files import check_fits_in_memory, write_atomic
 from gtrain.models import classifier_keys, create_model, stem_weight_key
-from gtrain.run_folder import RunFolder
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,18 +268,10 @@ def shape_misfits(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[i
     return "; ".join(part for part in parts if part) or None
 
 
-def load_model(path: Path) -> tuple[nn.Module, WeightsMeta, Path]:
-    """A run folder (its best weights, else final) or a .safetensors file -> model."""
-    path = Path(path)
-    if path.is_dir():
-        weights = RunFolder(path).eval_weights()
-        if weights is None:
-            raise UserError(f"{path} has no best.safetensors or final.safetensors: is it a gtrain run folder?")
-    elif path.exists():
-        weights = path
-    else:
-        raise UserError(f"{path} does not exist: give a run folder or a .safetensors file")
+def load_model(weights: Path) -> tuple[nn.Module, WeightsMeta]:
+    """A weights file gtrain wrote -> the model and what the file says about it
+    (`run_folder.weights_file` picks a run folder's)."""
     state_dict, meta = read_weights(weights)
     model = create_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans, **meta.model_settings)
     load_into(model, state_dict, weights)
-    return model, meta, weights
+    return model, meta

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.text import Text
 from rich.table import Table
 
-from gtrain.errors import UserError, error_line, printable
+from gtrain.errors import UserError, printable, unreadable_file
 
 app = typer.Typer(
     help="Train grouped-convolution image classifiers (ResNeXt, HorNet) from TOML recipes.",
@@ -47,10 +47,15 @@ ChannelsLastOption = Annotated[
 ]
 
 
-def fail(error: UserError) -> typer.Exit:
+def say(line: object, *, error: bool = True) -> None:
+    """One line on stderr, as an error or not."""
     # Escaped: a message may hold brackets ('gtrain[plot]', a list of keys) that rich would take for markup.
     # printable: a message may quote a class name, a folder name or a path from someone else's disk.
-    error_console.print(f"[bold red]error:[/] {escape(printable(error))}", highlight=False, soft_wrap=True)
+    error_console.print(("[bold red]error:[/] " if error else "") + escape(printable(line)), highlight=False, soft_wrap=True)
+
+
+def fail(error: UserError) -> typer.Exit:
+    say(error)
     return typer.Exit(UserError.exit_code)
 
 
@@ -83,11 +88,12 @@ def fit(
     75: stopped with a checkpoint by SIGTERM, SIGUSR1 or a lost process; continue with --auto-resume.
     """
     from gtrain import distributed
+    from gtrain.fit import ending_of, fit as run_fit, plan_fit
     from gtrain.progress import Reporter
-    from gtrain.train import RESUMABLE_EXIT_CODE, Interrupted, fit as run_fit, plan_fit
+    from gtrain.stopping import Interrupted
 
     if nproc is not None and not distributed.launched_distributed():
-        launch_torchrun(nproc)
+        os.execv(sys.executable, distributed.torchrun_command(sys.executable, sys.argv[1:], nproc))
     world = distributed.World.from_env()  # so that only rank 0 prints, even before it joins the group
     reporter = Reporter(console if world.is_main else Console(quiet=True), quiet=quiet or not world.is_main)
     run_dir = resume or out
@@ -97,50 +103,12 @@ def fit(
         if plan.notice and world.is_main:
             reporter.notice(plan.notice)
         run_fit(plan, reporter=reporter, device=device)
-    except distributed.LostPeer as lost:
+    except (distributed.LostPeer, UserError, OSError, Interrupted, KeyboardInterrupt) as error:
         reporter.close()
-        # Every survivor says it: the lost process may have been the main one.
-        error_console.print(
-            f"[bold red]error:[/] {escape(printable(lost.message))}; the last checkpoint in {escape(printable(run_dir))} is intact: "
-            "torchrun --max-restarts continues it, or the same command with --auto-resume",
-            highlight=False, soft_wrap=True,
-        )  # fmt: skip
-        raise typer.Exit(RESUMABLE_EXIT_CODE) from None
-    except UserError as error:
-        reporter.close()
-        raise (fail(error) if world.is_main else typer.Exit(UserError.exit_code)) from None
-    except OSError as error:  # an unreadable or corrupt data file, a full disk
-        reporter.close()
-        error = UserError(f"{error_line(error, last=True)}; fix or remove that file; nothing in {run_dir} was damaged")
-        raise (fail(error) if world.is_main else typer.Exit(UserError.exit_code)) from None
-    except Interrupted as stop:
-        reporter.close()
-        if world.is_main:
-            again = "the same command with --auto-resume, or: " if out is not None else ""
-            error_console.print(
-                f"stopped by {stop}; checkpoint saved. Continue with {again}gtrain fit --resume {printable(run_dir)}",
-                highlight=False, markup=False, soft_wrap=True,
-            )  # fmt: skip
-        raise typer.Exit(stop.exit_code) from None
-    except KeyboardInterrupt:
-        reporter.close()
-        if world.is_main:
-            error_console.print(f"stopped at once; the last checkpoint in {printable(run_dir)} is intact", markup=False)
-        raise typer.Exit(130) from None
-
-
-def launch_torchrun(nproc: int) -> None:
-    """`gtrain fit ... --nproc N` becomes `torchrun --standalone --nproc-per-node N -m gtrain fit ...`."""
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "gtrain", *args]
-    os.execv(sys.executable, command)
+        ending = ending_of(error, run_dir=run_dir, out_given=out is not None)
+        if world.is_main or ending.every_process:
+            say(ending.line, error=ending.error)
+        raise typer.Exit(ending.exit_code) from None
 
 
 @app.command("eval")
@@ -171,17 +139,18 @@ def eval_(
     from rich.text import Text
 
     from gtrain.eval_tables import report_tables
-    from gtrain.evaluate import run_eval
+    from gtrain.evaluate import EvalSettings, run_eval
 
+    settings = EvalSettings(
+        split=split, overrides=tuple(overrides or ()), batch_size=batch_size, device=device, precision=precision,
+        channels_last=channels_last, tta=tta, plot=plot, worst=worst,
+    )  # fmt: skip
     try:
-        report = run_eval(
-            path, split=split, overrides=overrides or [], batch_size=batch_size, device=device, precision=precision,
-            channels_last=channels_last, tta=tta, plot=plot, worst=worst,
-        )  # fmt: skip
+        report = run_eval(path, settings)
     except UserError as error:
         raise fail(error) from None
     except OSError as error:  # an unreadable or corrupt image of the split
-        raise fail(UserError(f"{error_line(error, last=True)}; fix or remove that file")) from None
+        raise fail(unreadable_file(error)) from None
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
         return
@@ -222,16 +191,8 @@ def lr_find(
     from gtrain.recipe import load_recipe
 
     try:
-        if plot is not None:
-            from gtrain.plot import check_plot_path
-
-            check_plot_path(plot)
         loaded, name = load_recipe(recipe or "quickstart", overrides or [])
-        result = lr_range_test(loaded, steps=steps, start_lr=start_lr, end_lr=end_lr, device=device)
-        if plot is not None:
-            from gtrain.plot import write_lr_find_plot
-
-            write_lr_find_plot(plot, result.lrs, result.losses, result.smoothed, result.suggested_lr)
+        result = lr_range_test(loaded, steps=steps, start_lr=start_lr, end_lr=end_lr, device=device, plot=plot)
     except UserError as error:
         raise fail(error) from None
     if as_json:
@@ -280,7 +241,7 @@ def tune(
     Exit codes: 0 done; 2 a mistake to fix; 130 Ctrl-C (the same command continues).
     """
     from gtrain.recipe import load_recipe
-    from gtrain.tune import PRUNERS, TuneInterrupted, TuneSettings, load_space, tune as run_tune
+    from gtrain.tune import TuneInterrupted, TuneSettings, load_space, tune as run_tune
 
     quiet = Console(quiet=True)
     shown = quiet if as_json else console
@@ -294,12 +255,10 @@ def tune(
                     highlight=False, markup=False, soft_wrap=True)  # fmt: skip
 
     try:
-        if pruner not in PRUNERS:
-            raise UserError(f"--pruner {pruner!r}: choose {', '.join(PRUNERS)}")
-        base, name = load_recipe(recipe or "quickstart", overrides or [])
-        dimensions = load_space(space, base)
         settings = TuneSettings(trials=trials, pruner=pruner, startup_trials=startup_trials, min_epochs=min_epochs,
                                 seed=seed, storage=storage, study_name=study, device=device)  # fmt: skip
+        base, name = load_recipe(recipe or "quickstart", overrides or [])
+        dimensions = load_space(space, base)
         if base.data.val_split == "test" and not as_json:
             console.print(
                 "note: trials are scored on the test split (data.val_split): the best top-1 is then a tuned figure, "
@@ -310,7 +269,7 @@ def tune(
     except UserError as error:
         raise fail(error) from None
     except OSError as error:  # an unreadable or corrupt data file, a full disk
-        raise fail(UserError(f"{error_line(error, last=True)}; fix or remove that file; the study in {out} keeps its trials")) from None
+        raise fail(unreadable_file(error, f"the study in {out} keeps its trials")) from None
     except TuneInterrupted as stop:
         error_console.print(
             f"stopped: trial {stop.trial} was interrupted (its checkpoint is in {printable(stop.run_dir)}); the study keeps "
@@ -333,11 +292,9 @@ def _short(value) -> str:
 
 
 def print_leaderboard(result, out: Path, rows: int = 10) -> None:
-    ranked = sorted(result.trials, key=lambda t: (t.state != "complete", -(t.value or 0.0), t.number))
-    counts = {}
-    for trial in result.trials:
-        counts[trial.state] = counts.get(trial.state, 0) + 1
-    table = Table(title=Text(f"study {printable(result.study_name)}: " + ", ".join(f"{n} {s}" for s, n in counts.items())))
+    ranked = result.ranked()
+    counts = ", ".join(f"{n} {state}" for state, n in result.state_counts().items())
+    table = Table(title=Text(f"study {printable(result.study_name)}: {counts}"))
     keys = list(ranked[0].params) if ranked else []
     for column in ["trial", "state", "top-1", "epochs", *keys]:
         table.add_column(column, justify="left" if column in ("state",) else "right")
@@ -387,7 +344,7 @@ def predict(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.text import Text
 
-    from gtrain.predict import run_predict
+    from gtrain.predict import PredictSettings, run_predict
 
     rows: list[dict] = []  # a few images: shown as a table at the end
     bar: dict = {}  # many: a progress bar with images/s
@@ -408,12 +365,11 @@ def predict(
         rate = bar["done"] / max(time.perf_counter() - bar["start"], 1e-9)
         bar["progress"].update(bar["task"], completed=bar["done"], rate=f"{rate:,.0f} img/s")
 
+    settings = PredictSettings(topk=topk, batch_size=batch_size, workers=workers, device=device, precision=precision,
+                               channels_last=channels_last, tta=tta)  # fmt: skip
     try:
-        summary = run_predict(
-            weights, inputs, out=out, topk=topk, batch_size=batch_size, workers=workers, device=device,
-            precision=precision, channels_last=channels_last, tta=tta, stream=sys.stdout if as_json else None,
-            on_record=on_record,
-        )  # fmt: skip
+        summary = run_predict(weights, inputs, settings, out=out, stream=sys.stdout if as_json else None,
+                              on_record=on_record)  # fmt: skip
     except UserError as error:
         raise fail(error) from None
     finally:
@@ -453,7 +409,7 @@ def recipes(
 
     With NAME: what `gtrain fit NAME` would train, every key with its value, defaults
     included. With --reference: every recipe key, as Markdown."""
-    from gtrain.recipe import bundled_recipes, load_recipe, parse_toml, recipe_reference
+    from gtrain.recipe import bundled_recipes, load_recipe, parse_toml, recipe_reference, resolved_toml
 
     if reference:
         sys.stdout.write(recipe_reference())  # plain Markdown, no rich markup: for docs and pipes
@@ -471,25 +427,6 @@ def recipes(
     for name, path in bundled_recipes().items():
         table.add_row(name, str(parse_toml(path.read_text(), str(path)).get("description", "")))
     console.print(table)
-
-
-def resolved_toml(recipe) -> str:
-    """The recipe as TOML, every key with its value; keys left unset (TOML has no null) are
-    listed in a closing comment, so that none goes unmentioned."""
-    from gtrain.recipe import Recipe, flatten
-
-    def every_key(model_class, prefix=""):
-        for key, info in model_class.model_fields.items():
-            annotation = info.annotation
-            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
-                yield from every_key(annotation, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}"
-
-    given = flatten(recipe.to_dict())
-    unset = [key for key in every_key(Recipe) if key not in given]
-    text = recipe.to_toml()
-    return text + (f"\n# unset (no value): {', '.join(unset)}\n" if unset else "")
 
 
 @app.command()
@@ -541,12 +478,14 @@ def bench(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     steps: Annotated[int, typer.Option(help="Timed steps per repeat.")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 5,
-    repeats: Annotated[int, typer.Option(help="Timed groups; the result is their median.")] = 5,
+    repeats: Annotated[
+        Optional[int], typer.Option(help="Timed groups; the result is their median (default 5; 3 with --data).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
 ) -> None:
     """Training-step and inference images/s of one model, achieved TFLOP/s and MFU; with
     --data RECIPE, whether that recipe's data loader or its model limits a run, and by how much."""
-    from gtrain.bench import format_data_rows, format_rows, run_bench, run_data_bench
+    from gtrain.bench import BenchSettings, format_data_rows, format_rows, run_bench, run_data_bench
 
     if (model is None) == (data is None):
         raise fail(UserError("give a model name, or --data RECIPE (not both): `gtrain bench resnext50_32x4d`, "
@@ -557,11 +496,11 @@ def bench(
         try:
             recipe, name = load_recipe(data, overrides or [])
             result = run_data_bench(recipe, name, device=None if device == "auto" else device, batches=batches,
-                                    warmup=warmup, steps=steps, repeats=min(repeats, 3))  # fmt: skip
+                                    warmup=warmup, steps=steps, repeats=repeats or 3)  # fmt: skip
         except UserError as error:
             raise fail(error) from None
         except OSError as error:  # an unreadable or corrupt data file
-            raise fail(UserError(f"{error_line(error, last=True)}; fix or remove that file")) from None
+            raise fail(unreadable_file(error)) from None
         if as_json:
             sys.stdout.write(result.to_json() + "\n")
             return
@@ -573,10 +512,10 @@ def bench(
     if overrides:
         raise fail(UserError("--set changes a recipe: use it with --data RECIPE"))
     try:
-        result = run_bench(
-            model, batch_size=batch_size, image_size=image_size, precision=precision, channels_last=channels_last,
-            compile=compile, device=device, steps=steps, warmup=warmup, repeats=repeats,
-        )  # fmt: skip
+        settings = BenchSettings(batch_size=batch_size, image_size=image_size, precision=precision,
+                                 channels_last=channels_last, compile=compile, device=device, steps=steps,
+                                 warmup=warmup, repeats=repeats or 5)  # fmt: skip
+        result = run_bench(model, settings)
     except UserError as error:
         raise fail(error) from None
     if as_json:

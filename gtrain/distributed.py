@@ -61,6 +61,20 @@ class World:
         return self.size > 1
 
 
+def torchrun_command(executable: str, argv: list[str], nproc: int) -> list[str]:
+    """`gtrain fit ... --nproc N` as `torchrun --standalone --nproc-per-node N -m gtrain fit ...`
+    (`argv` without the program, as sys.argv[1:])."""
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    return [executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "gtrain", *args]
+
+
 def launched_distributed() -> bool:
     return World.from_env().distributed
 

@@ -37,6 +37,15 @@ def error_line(error: BaseException, *, last: bool = False, with_type: bool = Fa
     return f"{type(error).__name__}: {line}" if with_type else line
 
 
+def unreadable_file(error: OSError, kept: str | None = None) -> UserError:
+    """An OSError met on a data or output file (unreadable, corrupt, a full disk) as one
+    line: the error's last line, which names the file (a DataLoader worker's error ends
+    with it), then the fix, then what the failure left intact (`kept`, e.g. "nothing in
+    runs/exp1 was damaged"), so that no one deletes a run or a study to recover."""
+    message = f"{error_line(error, last=True)}; fix or remove that file"
+    return UserError(f"{message}; {kept}" if kept else message)
+
+
 def printable(text: object) -> str:
     """`text` with every character a terminal would act on or hide shown as its escape:
     control characters (ESC starts a terminal command), format characters (right-to-left

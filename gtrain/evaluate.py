@@ -8,7 +8,7 @@ state and no process group.
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from gtrain import runtime
 from gtrain.checkpoint import load_model
 from gtrain.distributed import World, all_reduce_sum
 from gtrain.errors import UserError
-from gtrain.run_folder import RunFolder
+from gtrain.run_folder import RunFolder, weights_file
 
 # Test-time augmentation: "flip" also scores the horizontal mirror image.
 TTA_MODES = ("none", "flip")
@@ -166,42 +166,80 @@ def check_tta(tta: str) -> None:
         raise UserError(f"--tta {tta!r} is not a test-time augmentation: valid: {', '.join(TTA_MODES)}")
 
 
-def run_eval(
-    path: Path,
-    *,
-    split: str,
-    overrides: list[str],
-    batch_size: int | None,
-    device: str,
-    precision: str | None = None,
-    channels_last: bool | None = None,
-    tta: str = "none",
-    plot: Path | None = None,
-    worst: int = 5,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EvalSettings:
+    """What `gtrain eval` scores and how. device, precision and channels_last as given (None:
+    the run's own, see `scoring_settings`); in the report, as resolved."""
+
+    split: str = "test"
+    overrides: tuple[str, ...] = ()  # `--set data.*` only: where the data lies, not what the model is
+    batch_size: int | None = None  # None: the run's data.batch_size, the batch it validated with
+    device: str = "auto"
+    precision: str | None = None
+    channels_last: bool | None = None
+    tta: str = "none"
+    plot: Path | None = None  # also write the confusion matrix here as a PNG
+    worst: int = 5  # classes to list as the worst
+
+
+def run_eval(path: Path, settings: EvalSettings = EvalSettings()) -> dict[str, Any]:
     """`gtrain eval`: weights + the dataset they were trained on (or `--set data.*`) -> report.
 
     Weights in a run folder are scored the way the run validated them: with its precision
-    and memory format (from its recipe.toml) unless `precision` / `channels_last` say
-    otherwise; weights elsewhere with "auto" for both. `batch_size` None: the run's
-    data.batch_size, the batch it validated with. `plot`: also write the confusion
-    matrix there as a PNG; `worst`: how many classes to list as the worst.
+    and memory format (from its recipe.toml) unless `settings` say otherwise; weights
+    elsewhere with "auto" for both.
     """
-    from gtrain.data import build_eval_data, check_flip_keeps_the_class
     from gtrain.data.loaders import make_eval_loader
 
-    path, plot = Path(path), None if plot is None else Path(plot)
-    check_tta(tta)
-    if plot is not None:
+    settings = check_eval_settings(settings)
+    weights = weights_file(Path(path))
+    model, meta = load_model(weights)
+    recipe = recipe_of(weights, meta, list(settings.overrides))
+    data = recipe.data
+    info, dataset, finish = eval_split(data, meta, weights, split=settings.split, tta=settings.tta)
+    device, precision, channels_last = scoring_settings(
+        recipe, settings.device, settings.precision, settings.channels_last
+    )
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    # The run's own batch (its validation's), so that each image is scored in the same batch.
+    loader = make_eval_loader(dataset, batch_size=settings.batch_size or data.batch_size, workers=data.workers,
+                              pin_memory=device.type == "cuda", finish=finish, device=device)  # fmt: skip
+    result = evaluate(
+        model, loader, num_classes=meta.num_classes, device=device, precision=precision, channels_last=channels_last,
+        tta=settings.tta,
+    )  # fmt: skip
+    scored = replace(settings, device=str(device), precision=precision, channels_last=channels_last)
+    report = eval_report(result, meta, scored, weights=weights, dataset=info.name)
+    if settings.plot is not None:
+        title = f"{meta.model} on {info.name} ({settings.split}): top-1 {result.top1:.1%}"
+        from gtrain.plot import write_confusion_plot
+
+        write_confusion_plot(settings.plot, result.confusion, meta.class_names, title=title)
+    return report
+
+
+def check_eval_settings(settings: EvalSettings) -> EvalSettings:
+    """Refuse a bad option before the evaluation, which can take long, not after it; the
+    settings with `plot` as a Path."""
+    check_tta(settings.tta)
+    if settings.plot is not None:
         from gtrain.plot import check_plot_path
 
-        check_plot_path(plot)  # before the evaluation, which can take long, not after it
-    bad = [o for o in overrides if not o.strip().startswith("data.")]
+        settings = replace(settings, plot=Path(settings.plot))
+        check_plot_path(settings.plot)
+    bad = [o for o in settings.overrides if not o.strip().startswith("data.")]
     if bad:
         raise UserError(f"--set {bad[0]!r}: eval only takes data.* overrides (data.root, data.dataset, ...)")
-    model, meta, weights = load_model(path)
-    recipe = recipe_of(weights, meta, overrides)
-    data = recipe.data
+    return settings
+
+
+def eval_split(data, meta, weights: Path, *, split: str, tta: str) -> tuple[Any, Any, Any]:
+    """The split to score, from the recipe's [data] (`data`) with the weights' own geometry:
+    (dataset info, dataset, the device's finish of its batches). Refused where the weights
+    were trained for other classes or channels, or where flip TTA would change a class."""
+    from gtrain.data import build_eval_data, check_flip_keeps_the_class
 
     info, dataset, finish = build_eval_data(
         data.dataset, root=Path(data.root), download=data.download, split=split, image_size=meta.image_size,
@@ -214,25 +252,7 @@ def run_eval(
         )
     if tta == "flip":
         check_flip_keeps_the_class(info.name)
-    device_, precision, channels_last = scoring_settings(recipe, device, precision, channels_last)
-    model.to(device_)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    # The run's own batch (its validation's), so that each image is scored in the same batch.
-    loader = make_eval_loader(dataset, batch_size=batch_size or data.batch_size, workers=data.workers,
-                              pin_memory=device_.type == "cuda", finish=finish, device=device_)  # fmt: skip
-    result = evaluate(
-        model, loader, num_classes=meta.num_classes, device=device_, precision=precision, channels_last=channels_last,
-        tta=tta,
-    )  # fmt: skip
-    report = eval_report(result, meta, weights=weights, dataset=info.name, split=split, tta=tta, device=device_,
-                         precision=precision, channels_last=channels_last, worst=worst, plot=plot)  # fmt: skip
-    if plot is not None:
-        title = f"{meta.model} on {info.name} ({split}): top-1 {result.top1:.1%}"
-        from gtrain.plot import write_confusion_plot
-
-        write_confusion_plot(plot, result.confusion, meta.class_names, title=title)
-    return report
+    return info, dataset, finish
 
 
 def scoring_settings(
@@ -261,28 +281,26 @@ def recipe_of(weights: Path, meta, overrides: list[str]):
     return validate_recipe(document, source=str(run_recipe or weights))
 
 
-def eval_report(
-    result: EvalResult, meta, *, weights: Path, dataset: str, split: str, tta: str, device: torch.device,
-    precision: str, channels_last: bool, worst: int, plot: Path | None,
-) -> dict[str, Any]:  # fmt: skip
-    """`gtrain eval --json`: what was scored, how, and everything measured."""
+def eval_report(result: EvalResult, meta, settings: EvalSettings, *, weights: Path, dataset: str) -> dict[str, Any]:
+    """`gtrain eval --json`: what was scored, how (`settings` as resolved: the device,
+    precision and memory format the weights ran with), and everything measured."""
     return {
         "model": meta.model,
         "weights": str(weights),
         "dataset": dataset,
-        "split": split,
-        "tta": None if tta == "none" else tta,
-        "device": str(device),
-        "precision": precision,
-        "channels_last": channels_last,
+        "split": settings.split,
+        "tta": None if settings.tta == "none" else settings.tta,
+        "device": settings.device,
+        "precision": settings.precision,
+        "channels_last": settings.channels_last,
         "top1": result.top1,
         "top5": result.top5,
         "loss": result.loss,
         "images": result.images,
         "images_per_s": result.images_per_s,
         "per_class": result.per_class(meta.class_names),
-        "worst_classes": result.worst_classes(meta.class_names, worst),
+        "worst_classes": result.worst_classes(meta.class_names, settings.worst),
         "most_confused": result.most_confused(meta.class_names),
         "confusion_matrix": result.confusion,
-        "plot": None if plot is None else str(plot),
+        "plot": None if settings.plot is None else str(settings.plot),
     }

@@ -67,6 +67,7 @@ def export_model(
 ) -> ExportResult:
     """Export the weights in a run folder (best, else final) or a .safetensors file, check, write."""
     from gtrain.checkpoint import load_model
+    from gtrain.run_folder import weights_file
 
     if export_format not in SUFFIXES:
         raise UserError(f"unknown export format {export_format!r}: choose one of {', '.join(SUFFIXES)}")
@@ -74,7 +75,8 @@ def export_model(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if export_format == "onnx":
         require_onnx_exporter()
-    model, meta, weights = load_model(path)
+    weights = weights_file(Path(path))
+    model, meta = load_model(weights)
     model.eval()
     target = output_path(out, weights, export_format)
     if target.resolve() == weights.resolve():

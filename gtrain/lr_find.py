@@ -23,15 +23,13 @@ later `gtrain fit` trains exactly as it would have without it.
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gtrain import distributed, runtime
-from gtrain.data import batch_mix
-from gtrain.data.loaders import build_loaders
-from gtrain.data.randomness import BATCH_STREAM, drawn_from
 from gtrain.distributed import World
 from gtrain.errors import UserError
 from gtrain.recipe import Recipe
-from gtrain.training_run import StepSettings, build_training_run, rng_state, set_rng_state
+from gtrain.trainer import Trainer, check_batch_split, load_data, rng_state, set_rng_state
 
 DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
 
@@ -52,8 +50,9 @@ class LrFindResult:
 
 def lr_range_test(
     recipe: Recipe, *, steps: int = 100, start_lr: float | None = None, end_lr: float | None = None,
-    device: str | None = None,
+    device: str | None = None, plot: Path | None = None,
 ) -> LrFindResult:
+    """The range test of `recipe`; with `plot`, loss against lr drawn as a PNG there."""
     start_lr = recipe.optim.lr / 1000 if start_lr is None else start_lr
     end_lr = recipe.optim.lr * 100 if end_lr is None else end_lr
     if distributed.launched_distributed():
@@ -62,39 +61,33 @@ def lr_range_test(
         raise UserError(f"--start-lr {start_lr:g} and --end-lr {end_lr:g}: need 0 < start-lr < end-lr")
     if steps < 5:
         raise UserError(f"--steps {steps}: the range test needs at least 5 steps")
+    if plot is not None:
+        from gtrain.plot import check_plot_path
+
+        check_plot_path(plot)  # before the test: a plot that cannot be written fails at once
     saved = rng_state()
     try:
-        return _range_test(recipe, steps=steps, start_lr=start_lr, end_lr=end_lr, device=device)
+        result = _range_test(recipe, steps=steps, start_lr=start_lr, end_lr=end_lr, device=device)
     finally:
         set_rng_state(saved)  # the caller's random stream goes on as if nothing had run
+    if plot is not None:
+        from gtrain.plot import write_lr_find_plot
+
+        write_lr_find_plot(plot, result.lrs, result.losses, result.smoothed, result.suggested_lr)
+    return result
 
 
 def _range_test(recipe: Recipe, *, steps: int, start_lr: float, end_lr: float, device: str | None) -> LrFindResult:
-    from gtrain.train import check_batch_split, load_data
-
     train, world = recipe.train, World()
     runtime.seed_everything(train.seed, train.deterministic)
     device_ = runtime.resolve_device(device or train.device)
     check_batch_split(recipe, world)
     data = load_data(recipe, world)
-    steps_per_epoch = len(data.train) // recipe.data.batch_size
-    steps = min(steps, steps_per_epoch)  # never past the first epoch: its data order is the recipe's
-    channels_last = runtime.resolve_channels_last(train.channels_last, device_)
-    precision = runtime.resolve_precision(train.precision, device_, "train.precision")
-    run, _ = build_training_run(
-        recipe, num_classes=data.info.num_classes, in_chans=data.info.in_chans, steps_per_epoch=steps_per_epoch,
-        device=device_, channels_last=channels_last, world=world, pretrained=bool(recipe.model.pretrained),
-    )  # fmt: skip
-    train_loader, sampler, _ = build_loaders(
-        data, global_batch=recipe.data.batch_size, seed=train.seed,
-        workers=recipe.data.workers, device=device_, world=world,
-    )  # fmt: skip
+    trainer = Trainer.build(recipe, data, world=world, device=device_, pretrained=bool(recipe.model.pretrained))
+    steps = min(steps, trainer.settings.steps_per_epoch)  # never past the first epoch: its data order is the recipe's
+    train_loader, sampler, _ = trainer.loaders
     sampler.set_epoch(0, start_step=0)
-    mix = batch_mix(mixup_alpha=recipe.data.mixup_alpha, cutmix_alpha=recipe.data.cutmix_alpha,
-                    num_classes=data.info.num_classes)  # fmt: skip
-    step_settings = StepSettings(device=device_, precision=precision, label_smoothing=train.label_smoothing,
-                                 clip_grad_norm=recipe.optim.clip_grad_norm, accumulate_steps=train.accumulate_steps)
-    run.step_model.train()
+    trainer.step_model.train()
 
     result = LrFindResult(suggested_lr=None)
     # The moving average spans about a twentieth of the test, up to fastai's 0.98 at 250 steps.
@@ -104,14 +97,10 @@ def _range_test(recipe: Recipe, *, steps: int, start_lr: float, end_lr: float, d
         if step == steps:
             break
         lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
-        for group in run.optimizer.param_groups:
+        for group in trainer.optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets = runtime.to_device(inputs, targets, device_, channels_last)
-        if mix is not None:
-            with drawn_from(train.seed, step, world.rank, BATCH_STREAM):  # as `gtrain fit` draws them
-                inputs, targets = mix(inputs, targets)
         # The step `gtrain fit` takes; its schedule's lr is overwritten before the next one.
-        value = run.train_step(inputs, targets, step_settings).item()
+        value = trainer.train_step(inputs, targets, step).item()
         if not math.isfinite(value):
             result.stopped = f"the loss became {value} at lr {lr:.3g}"
             break

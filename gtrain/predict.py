@@ -19,7 +19,7 @@ import csv
 import io
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from gtrain.checkpoint import WeightsMeta, load_model
 from gtrain.errors import UserError, error_line
+from gtrain.run_folder import weights_file
 
 # What a folder is searched for: the image types torchvision's ImageFolder reads with PIL.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -113,7 +114,8 @@ class Classifier:
         file outside a run folder."""
         from gtrain.evaluate import recipe_of, scoring_settings
 
-        model, meta, path = load_model(Path(weights))
+        path = weights_file(Path(weights))
+        model, meta = load_model(path)
         recipe = recipe_of(path, meta, [])
         device_, precision, channels_last = scoring_settings(recipe, device, precision, channels_last)
         return cls(model, meta, device=device_, precision=precision, channels_last=channels_last, weights=path,
@@ -259,17 +261,29 @@ def check_output(out: Path | None, to_stream: bool = False) -> None:
         raise UserError(f"--out {out}: write .jsonl (one JSON object per image) or .csv (one row per image)")
 
 
-def predictions(
-    classifier: Classifier, paths: list[Path], *, topk: int, batch_size: int | None, workers: int, tta: str
-) -> Iterator[dict[str, Any]]:
+@dataclass(frozen=True)
+class PredictSettings:
+    """How `gtrain predict` classifies: how many classes per image, how images are batched
+    and read, and how the weights run (None: as the run validated them, see `Classifier.load`)."""
+
+    topk: int = 5
+    batch_size: int | None = None  # None: the run's data.batch_size, so images are scored as `gtrain eval` scores them
+    workers: int = 2  # DataLoader processes that read and resize images
+    device: str = "auto"
+    precision: str | None = None
+    channels_last: bool | None = None
+    tta: str = "none"
+
+
+def predictions(classifier: Classifier, paths: list[Path], settings: PredictSettings) -> Iterator[dict[str, Any]]:
     """One record per path, in input order: {"path", "predictions"} or {"path", "error"}."""
     meta = classifier.meta
     dataset = ImageFiles(paths, classifier.read_file, (meta.in_chans, meta.image_size, meta.image_size))
-    loader = DataLoader(dataset, batch_size=batch_size or classifier.batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=classifier.device.type == "cuda")  # fmt: skip
+    loader = DataLoader(dataset, batch_size=settings.batch_size or classifier.batch_size, shuffle=False,
+                        num_workers=settings.workers, pin_memory=classifier.device.type == "cuda")  # fmt: skip
     index = 0
     for batch, errors in loader:
-        ranked = classifier.top_classes(classifier.probabilities(batch, tta=tta), topk)
+        ranked = classifier.top_classes(classifier.probabilities(batch, tta=settings.tta), settings.topk)
         for top, error in zip(ranked, errors):
             path = str(paths[index])
             index += 1
@@ -318,27 +332,27 @@ class RecordWriter:
             self.file.write(json.dumps(record) + "\n")
 
 
-
 def run_predict(
-    weights: Path, inputs: list[str], *, out: Path | None, topk: int, batch_size: int | None, workers: int, device: str,
-    precision: str | None, channels_last: bool | None, tta: str, stream=None, on_record=None,
+    weights: Path, inputs: list[str], settings: PredictSettings = PredictSettings(), *, out: Path | None = None,
+    stream: io.TextIOBase | None = None, on_record: Callable[[dict[str, Any], int], None] | None = None,
 ) -> PredictSummary:  # fmt: skip
     """`gtrain predict`: classify every input; write each record to `out` (or to `stream`)
-    and give it to `on_record` (the command's table or progress bar)."""
+    and give it, with the number of images, to `on_record` (the command's table or progress bar)."""
     from gtrain.data import check_flip_keeps_the_class
     from gtrain.evaluate import check_tta
 
-    check_tta(tta)
+    check_tta(settings.tta)
     check_output(out, to_stream=stream is not None)
-    classifier = Classifier.load(weights, device=device, precision=precision, channels_last=channels_last)
-    if tta == "flip":
+    classifier = Classifier.load(weights, device=settings.device, precision=settings.precision,
+                                 channels_last=settings.channels_last)  # fmt: skip
+    if settings.tta == "flip":
         check_flip_keeps_the_class(classifier.meta.dataset)
     paths = find_images(inputs)
-    writer = RecordWriter(out, topk, stream)
+    writer = RecordWriter(out, settings.topk, stream)
     start = time.perf_counter()
     failed = 0
     try:
-        for record in predictions(classifier, paths, topk=topk, batch_size=batch_size, workers=workers, tta=tta):
+        for record in predictions(classifier, paths, settings):
             failed += "error" in record
             writer.write(record)
             if on_record is not None:

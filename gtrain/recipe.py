@@ -10,6 +10,7 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -278,6 +279,24 @@ def unsafe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     old, new = flatten(saved), flatten(current)
     changed = {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
     return sorted(changed - SAFE_TO_CHANGE_ON_RESUME)
+
+
+def resolved_toml(recipe: Recipe) -> str:
+    """The recipe as TOML, every key with its value; keys left unset (TOML has no null) are
+    listed in a closing comment, so that none goes unmentioned."""
+    given = flatten(recipe.to_dict())
+    unset = [key for key in _every_key(Recipe) if key not in given]
+    text = recipe.to_toml()
+    return text + (f"\n# unset (no value): {', '.join(unset)}\n" if unset else "")
+
+
+def _every_key(model_class: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    """Every dotted key of a schema, sections walked into."""
+    for key, info in model_class.model_fields.items():
+        if _is_section(info.annotation):
+            yield from _every_key(info.annotation, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
 
 
 # ---------------------------------------------------------------------------------------

@@ -195,3 +195,16 @@ def _tensorboard_tag(key: str) -> str:
     """val_top1 -> val/top1, so TensorBoard groups the charts by split."""
     split, _, name = key.partition("_")
     return f"{split}/{name}" if split in ("train", "val") and name else key
+
+
+def weights_file(path: Path) -> Path:
+    """The weights file `path` names: a run folder's best weights (else its final ones),
+    or the file itself."""
+    if path.is_dir():
+        weights = RunFolder(path).eval_weights()
+        if weights is None:
+            raise UserError(f"{path} has no best.safetensors or final.safetensors: is it a gtrain run folder?")
+        return weights
+    if not path.exists():
+        raise UserError(f"{path} does not exist: give a run folder or a .safetensors file")
+    return path

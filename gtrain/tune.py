@@ -18,6 +18,7 @@ import copy
 import math
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -197,6 +198,10 @@ class TuneSettings:
     study_name: str | None = None  # default: DIR's name
     device: str | None = None
 
+    def __post_init__(self):
+        if self.pruner not in PRUNERS:
+            raise UserError(f"--pruner {self.pruner!r}: choose {', '.join(PRUNERS)}")
+
 
 def open_study(out: Path, base: Recipe, space: list[Dimension], settings: TuneSettings):
     optuna = import_optuna()
@@ -290,6 +295,15 @@ class TuneResult:
             "trials": [t.to_json() for t in self.trials],
         }  # fmt: skip
 
+    def ranked(self) -> list[TrialRecord]:
+        """The leaderboard: complete trials before the others, each group by top-1, best first (no
+        top-1 counts as 0), then by trial number."""
+        return sorted(self.trials, key=lambda t: (t.state != "complete", -(t.value or 0.0), t.number))
+
+    def state_counts(self) -> dict[str, int]:
+        """How many trials are in each state, the states in the order they first occur."""
+        return dict(Counter(trial.state for trial in self.trials))
+
 
 class TuneInterrupted(Exception):
     def __init__(self, trial: int, run_dir: Path, exit_code: int, finished: int):
@@ -302,7 +316,7 @@ def tune(
     on_trial: Callable[[TrialRecord], None] = lambda record: None,
 ) -> TuneResult:  # fmt: skip
     """Run `settings.trials` trials of the study in `out`, then return every trial of it."""
-    from gtrain.train import Interrupted
+    from gtrain.stopping import Interrupted
 
     if distributed.launched_distributed():
         raise UserError(
@@ -381,7 +395,8 @@ def run_trial(trial, base: Recipe, recipe_name: str, space: list[Dimension], out
     from gtrain.run_folder import RunFolder, RunStatus
     from gtrain.runs import read_metrics
     from gtrain.distributed import World
-    from gtrain.train import DivergedError, FitPlan, check_batch_split, fit
+    from gtrain.fit import DivergedError, FitPlan, fit
+    from gtrain.trainer import check_batch_split
 
     params = {dimension.key: dimension.suggest(trial) for dimension in space}
     recorded = trial.user_attrs.get("run_dir") or f"trials/{trial.number:04d}"

@@ -4,7 +4,7 @@ The builders are plain functions as well, for tests that need other sizes:
 
     from tests.conftest import write_image_folder, write_mnist
     root = write_mnist(tmp_path, n_train=500, n_test=100)
-    data = build_data("MNIST", root=root, download=False)
+    data = data_from("MNIST", root)
 """
 
 import colorsys
@@ -75,6 +75,14 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key
+
+
+def data_from(dataset: str, root: Path, **settings):
+    """`build_data` of the recipe's data section with these settings (nothing downloaded)."""
+    from gtrain.data import build_data
+    from gtrain.recipe import DataSection
+
+    return build_data(DataSection(dataset=dataset, root=str(root), **settings))
 
 
 def write_mnist(root: Path, n_train: int = 200, n_test: int = 100, *, seed: int = 0) -> Path:

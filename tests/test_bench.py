@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gtrain.bench import BenchResult, format_rows, forward_flops, peak_tflops, run_bench
+from gtrain.bench import BenchResult, BenchSettings, format_rows, forward_flops, peak_tflops, run_bench
 from gtrain.errors import UserError
 from tests.conftest import invoke
 
@@ -15,7 +15,7 @@ TINY = dict(batch_size=4, image_size=16, steps=2, warmup=1, repeats=2, device="c
 
 @pytest.fixture(scope="module")
 def tiny_result() -> BenchResult:
-    return run_bench("resnext29_2x16d", precision="fp32", **TINY)
+    return run_bench("resnext29_2x16d", BenchSettings(precision="fp32", **TINY))
 
 
 def test_bench_reports_positive_finite_throughput(tiny_result):
@@ -57,18 +57,18 @@ def test_resnext50_forward_flops_match_torchvision():
 
 def test_fp16_on_cpu_is_a_user_error():
     with pytest.raises(UserError, match="fp16"):
-        run_bench("resnext29_2x16d", precision="fp16", **TINY)
+        run_bench("resnext29_2x16d", BenchSettings(precision="fp16", **TINY))
 
 
 @pytest.mark.parametrize("setting", [{"batch_size": 0}, {"steps": 0}, {"repeats": 0}, {"precision": "half"}])
 def test_impossible_settings_are_user_errors(setting):
     with pytest.raises(UserError):
-        run_bench("resnext29_2x16d", **{**TINY, **setting})
+        run_bench("resnext29_2x16d", BenchSettings(**{**TINY, **setting}))
 
 
 def test_unknown_model_is_a_user_error_that_suggests_a_name():
     with pytest.raises(UserError, match="resnext29_2x16d"):
-        run_bench("resnext29_2x16", **TINY)
+        run_bench("resnext29_2x16", BenchSettings(**TINY))
 
 
 @pytest.mark.parametrize(

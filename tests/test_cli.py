@@ -253,7 +253,7 @@ def test_the_evaluation_geometry_trains_and_is_what_eval_and_predict_resize_with
     from gtrain.checkpoint import load_model
     from gtrain.predict import image_transform
 
-    _, meta, _ = load_model(run / "best.safetensors")
+    _, meta = load_model(run / "best.safetensors")
     steps = image_transform(meta).transforms  # uint8 crops, as eval reads an ImageFolder
     resizes = [step for step in steps if isinstance(step, v2.Resize)]
     assert [(step.interpolation, step.size) for step in resizes] == [(transforms.InterpolationMode.BICUBIC, [30])]

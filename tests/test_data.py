@@ -15,14 +15,13 @@ from gtrain.data import (
     DATASETS,
     IMAGE_FOLDER_SPEC,
     Digits,
-    build_data,
     build_eval_data,
     eval_transform,
     list_datasets,
     train_transform,
 )
 from gtrain.errors import UserError
-from tests.conftest import write_image_folder
+from tests.conftest import data_from, write_image_folder
 
 # digits ------------------------------------------------------------------------------------------
 
@@ -54,7 +53,7 @@ def test_digits_items_are_8x8_grayscale_images_scaled_to_0_255_with_digit_labels
 def test_digits_val_is_one_channel_native_8px_uint8_that_the_device_normalizes(tmp_path):
     from gtrain.data.loaders import normalize_uint8, uint8_normalization
 
-    data = build_data("digits", root=tmp_path, download=False)
+    data = data_from("digits", tmp_path)
     assert data.info.in_chans == 1 and data.info.image_size == 8 and data.info.num_classes == 10
     assert data.info.class_names == tuple("0123456789")
     images = torch.stack([data.val[i][0] for i in range(len(data.val))])
@@ -66,7 +65,7 @@ def test_digits_val_is_one_channel_native_8px_uint8_that_the_device_normalizes(t
 
 
 def test_digits_augmentation_never_flips(tmp_path):
-    data = build_data("digits", root=tmp_path, download=False)
+    data = data_from("digits", tmp_path)
     steps = data.train.transform.transforms
     assert not any(isinstance(step, transforms.RandomHorizontalFlip) for step in steps)
     assert any(isinstance(step, transforms.RandomCrop) for step in steps)
@@ -76,7 +75,7 @@ def test_digits_augmentation_never_flips(tmp_path):
 
 
 def test_mnist_files_load_through_torchvision_as_one_channel_28px(mnist_root):
-    data = build_data("MNIST", root=mnist_root, download=False)
+    data = data_from("MNIST", mnist_root)
     assert (len(data.train), len(data.val)) == (200, 100)
     assert data.info.in_chans == 1 and data.info.image_size == 28 and data.info.num_classes == 10
     assert data.info.class_names == tuple(torchvision.datasets.MNIST.classes)
@@ -85,20 +84,20 @@ def test_mnist_files_load_through_torchvision_as_one_channel_28px(mnist_root):
 
 
 def test_dataset_names_match_in_any_case(mnist_root):
-    data = build_data("mnist", root=mnist_root, download=False, augment=False)
+    data = data_from("mnist", mnist_root, augment=False)
     assert data.info.name == "MNIST"
 
 
 def test_image_size_override_resizes_small_images(mnist_root):
-    data = build_data("MNIST", root=mnist_root, download=False, image_size=32)
+    data = data_from("MNIST", mnist_root, image_size=32)
     assert data.train[0][0].shape == data.val[0][0].shape == (1, 32, 32)
     assert data.info.image_size == 32
 
 
 def test_without_augmentation_train_items_are_deterministic(mnist_root):
-    plain = build_data("MNIST", root=mnist_root, download=False, augment=False)
+    plain = data_from("MNIST", mnist_root, augment=False)
     assert all(torch.equal(plain.train[i][0], plain.train[i][0]) for i in range(10))
-    augmented = build_data("MNIST", root=mnist_root, download=False, augment=True)
+    augmented = data_from("MNIST", mnist_root, augment=True)
     torch.manual_seed(0)
     assert not all(torch.equal(augmented.train[i][0], augmented.train[i][0]) for i in range(10))
 
@@ -147,7 +146,7 @@ def test_list_datasets_has_the_table_plus_image_folder():
 
 
 def test_image_folder_class_names_come_from_the_folders(imagefolder_root):
-    data = build_data("ImageFolder", root=imagefolder_root, download=False, image_size=32)
+    data = data_from("ImageFolder", imagefolder_root, image_size=32)
     assert data.info.class_names == ("cat", "dog", "frog") and data.info.num_classes == 3
     assert (len(data.train), len(data.val)) == (60, 24)
     assert data.train[0][0].shape == data.val[0][0].shape == (3, 32, 32)
@@ -156,7 +155,7 @@ def test_image_folder_class_names_come_from_the_folders(imagefolder_root):
 
 def test_image_folder_test_split_falls_back_to_val_then_prefers_test(tmp_path):
     root = write_image_folder(tmp_path, images_per_class={"train": 2, "val": 1})
-    assert len(build_data("ImageFolder", root=root, download=False, val_split="test").val) == 3
+    assert len(data_from("ImageFolder", root, val_split="test").val) == 3
     write_image_folder(tmp_path, images_per_class={"test": 4})
     info, test, _ = build_eval_data("ImageFolder", root=root, download=False, split="test")
     assert len(test) == 12 and info.class_names == ("cat", "dog", "frog")
@@ -165,19 +164,19 @@ def test_image_folder_test_split_falls_back_to_val_then_prefers_test(tmp_path):
 def test_image_folder_without_val_folder_names_the_missing_path(tmp_path):
     root = write_image_folder(tmp_path, images_per_class={"train": 2})
     with pytest.raises(UserError, match="val") as error:
-        build_data("ImageFolder", root=root, download=False, val_split="val")
+        data_from("ImageFolder", root, val_split="val")
     assert str(root / "val") in str(error.value) and "\n" not in str(error.value)
 
 
 def test_empty_image_folder_error_names_the_path(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(UserError, match="no class folders") as error:
-        build_data("ImageFolder", root=tmp_path, download=False)
+        data_from("ImageFolder", tmp_path)
     assert str(tmp_path / "train") in str(error.value)
 
     (tmp_path / "train" / "cat").mkdir()
     with pytest.raises(UserError, match="no images") as error:
-        build_data("ImageFolder", root=tmp_path, download=False)
+        data_from("ImageFolder", tmp_path)
     assert str(tmp_path / "train") in str(error.value) and "\n" not in str(error.value)
 
 
@@ -185,7 +184,7 @@ def test_image_folder_splits_with_different_classes_are_refused(tmp_path):
     root = write_image_folder(tmp_path, images_per_class={"train": 2})
     write_image_folder(tmp_path, class_names=("cat", "dog"), images_per_class={"val": 1})
     with pytest.raises(UserError, match="missing: frog"):
-        build_data("ImageFolder", root=root, download=False, val_split="val")
+        data_from("ImageFolder", root, val_split="val")
 
 
 # errors ------------------------------------------------------------------------------------------
@@ -194,7 +193,7 @@ def test_image_folder_splits_with_different_classes_are_refused(tmp_path):
 @pytest.mark.parametrize("name", ["MNIST", "CIFAR10", "SVHN", "Flowers102"])
 def test_missing_dataset_error_names_the_dataset_the_path_and_the_fix(tmp_path, name):
     with pytest.raises(UserError) as error:
-        build_data(name, root=tmp_path, download=False)
+        data_from(name, tmp_path)
     message = str(error.value)
     assert name in message and str(tmp_path) in message and "data.download = true" in message
     assert "\n" not in message
@@ -202,17 +201,17 @@ def test_missing_dataset_error_names_the_dataset_the_path_and_the_fix(tmp_path, 
 
 def test_unknown_dataset_suggests_the_closest_name(tmp_path):
     with pytest.raises(UserError, match=r"unknown dataset 'CIFAR-10': did you mean CIFAR10"):
-        build_data("CIFAR-10", root=tmp_path, download=False)
+        data_from("CIFAR-10", tmp_path)
 
 
 def test_torchvision_dataset_missing_from_the_table_says_how_to_add_it(tmp_path):
     with pytest.raises(UserError, match="Caltech101 is not in gtrain's dataset table"):
-        build_data("Caltech101", root=tmp_path, download=False)
+        data_from("Caltech101", tmp_path)
 
 
 def test_split_a_dataset_lacks_lists_the_splits_it_has(tmp_path):
     with pytest.raises(UserError, match="MNIST has no 'val' split: choose one of train, test"):
-        build_data("MNIST", root=tmp_path, download=False, val_split="val")
+        data_from("MNIST", tmp_path, val_split="val")
 
 
 @pytest.mark.parametrize(("fill", "noisy"), [("mean", False), ("noise", True)])
@@ -365,15 +364,14 @@ def test_uint8_evaluation_crops_match_the_pil_path_exactly_without_resampling_an
 
 
 def test_image_folder_training_reads_uint8_through_torchvision_io_and_timm_randaugment_keeps_pil(imagefolder_root):
-    from gtrain.data import build_data
 
-    data = build_data("ImageFolder", root=imagefolder_root, download=False, image_size=16, random_erasing=0.5)
+    data = data_from("ImageFolder", imagefolder_root, image_size=16, random_erasing=0.5)
     image, _ = data.train[0]
     assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
     assert data.train_finish is not None and data.train_finish.random_erasing == 0.5
     # Validation (as eval and predict) reads uint8 crops too, normalised on the device, never erased.
     assert data.val[0][0].dtype == torch.uint8 and data.val_finish.random_erasing == 0
-    timm = build_data("ImageFolder", root=imagefolder_root, download=False, image_size=16, auto_augment="rand-m9-mstd0.5-inc1")
+    timm = data_from("ImageFolder", imagefolder_root, image_size=16, auto_augment="rand-m9-mstd0.5-inc1")
     assert timm.train_finish is None and timm.train[0][0].dtype == torch.float32
     assert timm.val[0][0].dtype == torch.uint8
 
@@ -389,7 +387,7 @@ def test_decoding_on_the_device_gives_the_batches_of_decoding_in_the_workers(tmp
     photo_like(0, (40, 48)).save(root / "train" / "cat" / "png.png")
     batches = {}
     for decode in ("cpu", "device"):
-        data = build_data("ImageFolder", root=root, download=False, image_size=24, auto_augment="trivialaugment",
+        data = data_from("ImageFolder", root, image_size=24, auto_augment="trivialaugment",
                           random_erasing=0.5, decode=decode)  # fmt: skip
         train, _, _ = build_loaders(data, global_batch=8, seed=3, workers=0, device=torch.device("cpu"), world=World())
         batches[decode] = [(images.clone(), labels) for images, labels in train]
@@ -400,10 +398,10 @@ def test_decoding_on_the_device_gives_the_batches_of_decoding_in_the_workers(tmp
 
 def test_decoding_on_the_device_is_refused_in_one_line_where_it_cannot_run(imagefolder_root):
     with pytest.raises(UserError, match="gives decoded images") as error:
-        build_data("digits", root=Path("."), download=False, decode="device")
+        data_from("digits", Path("."), decode="device")
     assert "\n" not in str(error.value)
     with pytest.raises(UserError, match="timm's, which runs on PIL images"):
-        build_data("ImageFolder", root=imagefolder_root, download=False, auto_augment="rand-m9-mstd0.5-inc1",
+        data_from("ImageFolder", imagefolder_root, auto_augment="rand-m9-mstd0.5-inc1",
                    decode="device")  # fmt: skip
 
 
@@ -470,7 +468,7 @@ def test_an_image_folder_image_is_augmented_the_same_by_any_worker_of_any_proces
     from gtrain.distributed import World
 
     root = write_image_folder(tmp_path / "jpegs", size=40, suffix=".jpg", images_per_class={"train": 8, "val": 1})
-    data = build_data("ImageFolder", root=root, download=False, image_size=16, auto_augment="trivialaugment",
+    data = data_from("ImageFolder", root, image_size=16, auto_augment="trivialaugment",
                       random_erasing=0.5)  # fmt: skip
 
     def augmented(workers, world_size):

@@ -4,12 +4,12 @@ random shifts and flips that depend only on (seed, epoch, image)."""
 import torch
 import torch.nn.functional as F
 
-from gtrain.data import build_data
+from tests.conftest import data_from
 from gtrain.data.loaders import EpochSampler, InMemoryLoader, load_uint8
 
 
 def digits(tmp_path, augment):
-    data = build_data("digits", root=tmp_path, download=False, augment=augment)
+    data = data_from("digits", tmp_path, augment=augment)
     return data, data.info
 
 

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision import transforms
 
-from gtrain.data import batch_mix, build_data
+from gtrain.data import batch_mix
 from gtrain.ema import WeightEMA
 from gtrain.models import create_model
 
-from tests.conftest import invoke, tiny_hornet, write_mnist
+from tests.conftest import data_from, invoke, tiny_hornet, write_mnist
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -112,13 +112,13 @@ def test_mixing_off_is_no_transform():
 
 def test_randaugment_and_erasing_are_per_image_transforms(tmp_path, tiny):
     root = data_root(tiny)
-    data = build_data("MNIST", root=root, download=False, image_size=8, auto_augment="randaugment", random_erasing=0.25)
+    data = data_from("MNIST", root, image_size=8, auto_augment="randaugment", random_erasing=0.25)
     kinds = [type(t) for t in data.train.transform.transforms]
     assert transforms.RandAugment in kinds and transforms.RandomErasing in kinds
     assert data.augmentation is None  # so the batched in-memory path, which only crops and flips, is not used
-    trivial = build_data("MNIST", root=root, download=False, auto_augment="trivialaugment")
+    trivial = data_from("MNIST", root, auto_augment="trivialaugment")
     assert transforms.TrivialAugmentWide in [type(t) for t in trivial.train.transform.transforms]
-    assert build_data("MNIST", root=root, download=False).augmentation is not None
+    assert data_from("MNIST", root).augmentation is not None
     fit(*tiny, "--set", "data.auto_augment=trivialaugment", "--set", "data.random_erasing=0.5", "--out", tmp_path / "r")
 
 

@@ -1,7 +1,7 @@
 """Datasets, splits, normalization and augmentation: a dataset name becomes train and val sets.
 
     from gtrain.data import build_data
-    data = build_data("digits", root=Path("data"), download=False)
+    data = build_data(DataSection(dataset="digits", root="data"))
     model = create_model(name, num_classes=data.info.num_classes, in_chans=data.info.in_chans)
 
 Every dataset gtrain knows is one row of `DATASETS`: how its constructor names splits, its
@@ -30,6 +30,7 @@ from torchvision.datasets import ImageFolder, VisionDataset
 from torchvision.datasets.folder import default_loader, find_classes
 
 from gtrain.errors import UserError, did_you_mean, error_line
+from gtrain.recipe import DataSection
 
 # ---------------------------------------------------------------------------------------------
 # The table
@@ -464,6 +465,10 @@ class Pipeline(enum.StrEnum):
             "device-decode": "file bytes from the DataLoader's workers, decoded and augmented on the device",
         }[self.value]
 
+    def label(self, workers: int) -> str:
+        """The pipeline in one line, as the start panel and `gtrain bench --data` show it."""
+        return f"{self} ({self.description}" + (")" if self == Pipeline.IN_MEMORY else f", {workers} workers)")
+
 
 def choose_pipeline(
     dataset: str, *, in_memory: str = "auto", augment: bool = True, auto_augment: AutoAugment = "none",
@@ -573,36 +578,24 @@ def _to_normalized_tensor(spec: DatasetSpec) -> list[Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_data(
-    dataset: str,
-    *,
-    root: Path,
-    download: bool,
-    image_size: int | None = None,
-    augment: bool = True,
-    val_split: str = "test",
-    auto_augment: AutoAugment = "none",
-    random_erasing: float = 0.0,
-    random_erasing_fill: ErasingFill = "mean",
-    interpolation: Interpolation = "bilinear",
-    eval_image_size: int | None = None,
-    eval_resize_size: int | None = None,
-    decode: Decode = "cpu",
-    in_memory: str = "auto",
-) -> DataBundle:
-    """The train set (augmented when `augment`) and the `val_split` set (never augmented),
-    evaluated at `eval_image_size` (default: the training size), resized first to
-    `eval_resize_size` where the data is cropped (ImageFolder and photo datasets), with the
-    pipeline `choose_pipeline` picks for these settings.
+def build_data(data: DataSection, *, download: bool = False) -> DataBundle:
+    """The train set (augmented when `data.augment`) and the `data.val_split` set (never
+    augmented), evaluated at `data.eval_image_size` (default: the training size), resized
+    first to `data.eval_resize_size` where the data is cropped (ImageFolder and photo
+    datasets), with the pipeline `choose_pipeline` picks for these settings. `download`:
+    fetch a torchvision dataset that is missing from `data.root`.
 
     `val_split="test"` falls back to "val" for data without a test split (Imagenette, an
     ImageFolder without test/).
     """
-    pipeline = choose_pipeline(dataset, in_memory=in_memory, augment=augment, auto_augment=auto_augment,
-                               random_erasing=random_erasing, decode=decode)  # fmt: skip
+    dataset, image_size, augment, val_split = data.dataset, data.image_size, data.augment, data.val_split
+    auto_augment, random_erasing, interpolation = data.auto_augment, data.random_erasing, data.interpolation
+    eval_image_size, eval_resize_size = data.eval_image_size, data.eval_resize_size
+    pipeline = choose_pipeline(dataset, in_memory=data.in_memory, augment=augment, auto_augment=auto_augment,
+                               random_erasing=random_erasing, decode=data.decode)  # fmt: skip
     name = _canonical_name(dataset)
-    root = Path(root)
-    per_image = dict(auto_augment=auto_augment, random_erasing=random_erasing, random_erasing_fill=random_erasing_fill)
+    root = Path(data.root)
+    per_image = dict(auto_augment=auto_augment, random_erasing=random_erasing, random_erasing_fill=data.random_erasing_fill)
     spec = DATASETS.get(name, IMAGE_FOLDER_SPEC)
     size = _image_size(image_size, spec)
     if spec.style == "cifar" and (eval_image_size not in (None, size) or eval_resize_size is not None):
