@@ -219,9 +219,14 @@ def lr_find(
 def tune(
     recipe: Annotated[Optional[str], typer.Argument(help="Bundled recipe name or path to a .toml file.")] = None,
     overrides: SetOption = None,
-    space: Annotated[Path, typer.Option(help="TOML file of recipe keys to search: ranges {low, high, log} or lists.")] = ...,
-    out: Annotated[Path, typer.Option(help="Study folder: DIR/study.journal, DIR/trials/NNNN, DIR/best.toml.")] = ...,
-    trials: Annotated[int, typer.Option(min=1, help="Trials this process runs; every process on --out adds its own.")] = 20,
+    space: Annotated[
+        Optional[Path], typer.Option(help="TOML file of recipe keys to search: ranges {low, high, log} or lists.")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Study folder: DIR/study.journal, DIR/trials/NNNN, DIR/best.toml.")] = None,
+    trials: Annotated[
+        int,
+        typer.Option(min=1, help="Finished trials the study should have, counted over every process that shares it."),
+    ] = 20,
     pruner: Annotated[str, typer.Option(help="median (Optuna's MedianPruner), halving (successive halving) or none.")] = "median",
     startup_trials: Annotated[int, typer.Option(min=0, help="median: trials that finish before any is pruned.")] = 5,
     min_epochs: Annotated[int, typer.Option(min=1, help="No trial is pruned before this many epochs.")] = 1,
@@ -232,17 +237,35 @@ def tune(
     study: Annotated[Optional[str], typer.Option(help="Study name in --storage (default: the --out folder's name).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (overrides train.device).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary and nothing else.")] = False,
+    status: Annotated[
+        Optional[Path],
+        typer.Option(help="Show the study in this folder (trials by state, the best, running trials) and change nothing."),
+    ] = None,
 ) -> None:
     r"""Search recipe settings with an Optuna study (pip install 'gtrain\[tune]'): TPE sampling, trials
     pruned on their per-epoch validation top-1, each trial a run folder under DIR/trials.
 
     The same command again continues the study; several at once (on one machine or many,
-    with a shared --out or --storage) share it. Writes DIR/best.toml, a complete recipe.
+    with a shared --out or --storage) share it, until it has --trials finished trials. A
+    trial whose process died is continued from its checkpoint by the next process to look.
+    Writes DIR/best.toml, a complete recipe.
     Exit codes: 0 done; 2 a mistake to fix; 130 Ctrl-C (the same command continues).
     """
     from gtrain.recipe import load_recipe
-    from gtrain.tune import TuneInterrupted, TuneSettings, load_space, tune as run_tune
+    from gtrain.tune import TuneInterrupted, TuneSettings, load_space, study_status, tune as run_tune
 
+    if status is not None:
+        try:
+            result = study_status(status, storage=storage, study_name=study)
+        except UserError as error:
+            raise fail(error) from None
+        if as_json:
+            sys.stdout.write(json.dumps(result.to_json()) + "\n")
+            return
+        print_leaderboard(result, status)
+        return
+    if space is None or out is None:
+        raise fail(UserError("gtrain tune needs --space SPACE.toml and --out DIR (or --status DIR to look at a study)"))
     quiet = Console(quiet=True)
     shown = quiet if as_json else console
 
@@ -303,13 +326,20 @@ def print_leaderboard(result, out: Path, rows: int = 10) -> None:
         table.add_row(str(trial.number), trial.state, value, str(trial.epochs),
                       *(printable(_short(trial.params.get(key, "-"))) for key in keys))  # fmt: skip
     console.print(table)
-    if result.best_recipe is not None:
-        console.print(
-            f"best: trial {result.best.number}, top-1 {result.best.value:.2%}; its recipe: gtrain fit {printable(result.best_recipe)}",
-            highlight=False, markup=False, soft_wrap=True,
-        )  # fmt: skip
-    else:
+    for trial in result.trials:
+        if trial.state == "running":
+            console.print(f"running: trial {trial.number} in {printable(trial.run_dir)} by {printable(trial.process or '?')}"
+                          + (f"; {printable(trial.note)}" if trial.note else ""), highlight=False, markup=False, soft_wrap=True)  # fmt: skip
+    per_process = result.trials_per_process()
+    if per_process:
+        console.print("trials per process: " + ", ".join(f"{printable(p)} {n}" for p, n in per_process.items()),
+                      highlight=False, markup=False, soft_wrap=True)  # fmt: skip
+    if result.best is None:
         console.print("no trial has finished yet: nothing to write to best.toml", markup=False)
+    else:
+        recipe = f"; its recipe: gtrain fit {printable(result.best_recipe)}" if result.best_recipe else ""
+        console.print(f"best: trial {result.best.number}, top-1 {result.best.value:.2%}{recipe}",
+                      highlight=False, markup=False, soft_wrap=True)  # fmt: skip
 
 
 # A terminal shows a table of predictions up to this many images, a progress bar beyond.

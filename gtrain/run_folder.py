@@ -10,6 +10,7 @@
     RUN/final_ema.safetensors       the same for the weight average, with train.ema_decay
     RUN/tensorboard/                event files, with log.tensorboard
     RUN/.lock                       held by the process training into the folder (run_lock.py)
+    RUN/.trial.lock                 a tune trial: held by the process running it (tune.py)
 
 Only the main process writes, and every file is replaced atomically. Reading the layout
 needs no torch (`gtrain runs` stays quick): the atomic writer, which does, is imported
@@ -100,6 +101,10 @@ class RunFolder:
     @property
     def lock(self) -> Path:
         return self.root / ".lock"
+
+    @property
+    def trial_lock(self) -> Path:
+        return self.root / ".trial.lock"
 
 
 class RunStatus:

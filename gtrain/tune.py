@@ -15,6 +15,10 @@ Optuna is an extra (`gtrain[tune]`), imported only here.
 """
 
 import copy
+import hashlib
+import json
+import os
+import socket
 import math
 import time
 import warnings
@@ -27,8 +31,12 @@ from gtrain import distributed
 from gtrain.files import write_text_atomic
 from gtrain.errors import UserError, error_line
 from gtrain.recipe import Recipe, flatten, parse_toml, unsafe_changes, validate_recipe
+from gtrain.run_folder import RunFolder
+from gtrain.run_lock import FileLock, held_by_a_live_process
 
 JOURNAL = "study.journal"
+STUDY_LOCK = "study.lock"  # held while a process joins the study or picks its next trial
+SEARCH_ATTR = "gtrain_search_"  # + the search's hash: the recipe and the space a study searches
 BEST_RECIPE = "best.toml"
 PRUNERS = ("median", "halving", "none")
 
@@ -203,6 +211,15 @@ class TuneSettings:
             raise UserError(f"--pruner {self.pruner!r}: choose {', '.join(PRUNERS)}")
 
 
+def join_study(out: Path, base: Recipe, space: list[Dimension], settings: TuneSettings):
+    """The study in `out` (created by the first process to come), searching `base` over
+    `space`; one line if it searches another recipe or space. Processes on one --out join
+    one at a time, however many start at once."""
+    out.mkdir(parents=True, exist_ok=True)
+    with FileLock(out / STUDY_LOCK):
+        return open_study(out, base, space, settings)
+
+
 def open_study(out: Path, base: Recipe, space: list[Dimension], settings: TuneSettings):
     optuna = import_optuna()
     if settings.pruner == "median":
@@ -214,14 +231,7 @@ def open_study(out: Path, base: Recipe, space: list[Dimension], settings: TuneSe
         pruner = optuna.pruners.NopPruner()
     # constant_liar: a process does not sample next to the trials others are running.
     sampler = optuna.samplers.TPESampler(constant_liar=True)
-    if settings.storage is None:
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        storage = JournalStorage(JournalFileBackend(str(out / JOURNAL)))
-    else:
-        storage = settings.storage
-    name = settings.study_name or out.resolve().name
+    storage, name = study_storage(out, settings.storage), settings.study_name or out.resolve().name
     try:
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
                                     direction="maximize", load_if_exists=True)  # fmt: skip
@@ -236,15 +246,45 @@ def open_study(out: Path, base: Recipe, space: list[Dimension], settings: TuneSe
     return study
 
 
+def study_storage(out: Path, storage: str | None):
+    """Where the study is kept: DIR/study.journal, or the storage URL given."""
+    if storage is not None:
+        return storage
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(out / JOURNAL)))
+
+
 def check_same_search(study, base: Recipe, space: list[Dimension], out: Path) -> None:
     """A study continued with another recipe or space would compare trials of different
-    searches: refuse it. The first process to open the study records both."""
+    searches: refuse it. Each search is recorded whole, in one user attribute named by its
+    hash: processes that start the same search at the same instant write the same record,
+    and of two that start different ones, at least the later is refused (it reads the
+    other's record after writing its own)."""
     searched = {"recipe": base.to_dict(), "space": {d.key: d.to_dict() for d in space}}
-    recorded = {key: study.user_attrs.get(f"gtrain_{key}") for key in searched}
-    if all(value is None for value in recorded.values()):
-        for key, value in searched.items():
-            study.set_user_attr(f"gtrain_{key}", value)
-        return
+    mine = SEARCH_ATTR + hashlib.sha256(json.dumps(searched, sort_keys=True).encode()).hexdigest()[:16]
+    refuse_other_searches(study, searched, mine, out)
+    if mine not in study.user_attrs:
+        study.set_user_attr(mine, searched)
+        refuse_other_searches(study, searched, mine, out)
+
+
+def refuse_other_searches(study, searched: dict[str, Any], mine: str, out: Path) -> None:
+    attrs = study.user_attrs
+    recorded = [value for key, value in attrs.items() if key.startswith(SEARCH_ATTR) and key != mine]
+    if "gtrain_recipe" in attrs:  # recorded as two attributes, before searches were recorded whole
+        recorded.append({"recipe": attrs["gtrain_recipe"], "space": attrs.get("gtrain_space")})
+    for other in recorded:
+        differ = search_differences(other, searched)
+        if differ:
+            raise UserError(
+                f"the study {study.study_name} in {out} searched another recipe or space (differs in "
+                f"{', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''}): give another --out, or the same recipe and space"
+            )
+
+
+def search_differences(recorded: dict[str, Any], searched: dict[str, Any]) -> list[str]:
     # Where the data lies and which device trains may differ between the processes of a
     # study; what a trial computes, and for how many epochs, may not.
     recipe_old, recipe_new = flatten(recorded["recipe"] or {}), flatten(searched["recipe"])
@@ -253,11 +293,7 @@ def check_same_search(study, base: Recipe, space: list[Dimension], out: Path) ->
                if recipe_old.get(key) != recipe_new.get(key)]  # fmt: skip
     space_old, space_new = flatten(recorded["space"] or {}), flatten(searched["space"])
     differ += [f"space {key}" for key in sorted(space_old.keys() | space_new.keys()) if space_old.get(key) != space_new.get(key)]
-    if differ:
-        raise UserError(
-            f"the study {study.study_name} in {out} searched another recipe or space (differs in "
-            f"{', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''}): give another --out, or the same recipe and space"
-        )
+    return differ
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,6 +310,7 @@ class TrialRecord:
     seconds: float | None
     run_dir: str | None
     note: str = ""
+    process: str = ""  # host:pid of the process that ran it
 
     def to_json(self) -> dict[str, Any]:
         return vars(self).copy()
@@ -292,7 +329,7 @@ class TuneResult:
             "study": self.study_name, "best_value": self.best.value if self.best else None,
             "best_params": self.best.params if self.best else None, "best_trial": self.best.number if self.best else None,
             "best_recipe": str(self.best_recipe) if self.best_recipe else None, "ran_here": self.ran_here,
-            "trials": [t.to_json() for t in self.trials],
+            "trials_per_process": self.trials_per_process(), "trials": [t.to_json() for t in self.trials],
         }  # fmt: skip
 
     def ranked(self) -> list[TrialRecord]:
@@ -303,6 +340,10 @@ class TuneResult:
     def state_counts(self) -> dict[str, int]:
         """How many trials are in each state, the states in the order they first occur."""
         return dict(Counter(trial.state for trial in self.trials))
+
+    def trials_per_process(self) -> dict[str, int]:
+        """How many trials each process (host:pid) has run or is running."""
+        return dict(Counter(trial.process for trial in self.trials if trial.process))
 
 
 class TuneInterrupted(Exception):
@@ -315,7 +356,9 @@ def tune(
     base: Recipe, recipe_name: str, space: list[Dimension], *, out: Path, settings: TuneSettings,
     on_trial: Callable[[TrialRecord], None] = lambda record: None,
 ) -> TuneResult:  # fmt: skip
-    """Run `settings.trials` trials of the study in `out`, then return every trial of it."""
+    """Run trials of the study in `out` until it has `settings.trials` finished ones, then
+    return every trial of it. Any number of processes may do so at once: one at a time,
+    each continues a trial whose process died, or asks the study for a new one."""
     from gtrain.stopping import Interrupted
 
     if distributed.launched_distributed():
@@ -328,11 +371,10 @@ def tune(
     except OSError as error:
         raise UserError(f"cannot create {out / 'trials'}: {error_line(error)}; give a writable --out") from None
     optuna = import_optuna()
-    study = open_study(out, base, space, settings)
-    retry_interrupted(study)
+    study = join_study(out, base, space, settings)
     ran_here = []
-    for _ in range(settings.trials):
-        trial = study.ask()
+    while (claimed := next_trial(study, out, settings.trials)) is not None:
+        trial, claim = claimed
         ran_here.append(trial.number)
         fail = optuna.trial.TrialState.FAIL
         try:
@@ -348,6 +390,7 @@ def tune(
             study.tell(trial, state=fail, skip_if_finished=True)  # never left "running" in a shared study
             raise
         finally:
+            claim.release()  # after the study was told: until then the trial is running, and held
             forget_compiled_graphs()
         on_trial(record)
         if record.state == "complete":
@@ -355,6 +398,58 @@ def tune(
             if best.number == trial.number:
                 write_best_recipe(out, base, trial_record(best, out), len(study.trials))
     return summarize_study(study, out, base, ran_here)
+
+
+def next_trial(study, out: Path, total: int):
+    """The next trial this process runs, and its claim (the lock it holds while it runs it),
+    or None when the study has `total` trials finished or under way. Decided under the
+    study's lock, so that no two processes pick the same trial or go past `total`."""
+    import optuna
+
+    with FileLock(out / STUDY_LOCK):
+        continue_dead_trials(study, out)
+        trials = study.get_trials(deepcopy=False)
+        waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+        if not waiting and counted_trials(trials) >= total:
+            return None
+        trial = study.ask()  # a waiting trial (one to continue) first
+        recorded = trial.user_attrs.get("run_dir") or f"trials/{trial.number:04d}"
+        trial.set_user_attr("run_dir", recorded)
+        trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}")
+        run_dir = trial_folder(out, recorded)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        claim = FileLock(RunFolder(run_dir).trial_lock)
+        claim.acquire()  # free: a trial's claim is taken under the study's lock, by one process
+    return trial, claim
+
+
+def counted_trials(trials) -> int:
+    """The trials that count towards --trials: finished (complete, pruned or failed),
+    running or waiting to run; not those that another trial continues."""
+    continued = {t.user_attrs.get("continues") for t in trials}
+    return sum(1 for t in trials if not (t.number in continued or t.user_attrs.get("interrupted")))
+
+
+def continue_dead_trials(study, out: Path) -> None:
+    """A trial whose process died (SIGKILL, a lost node, a preemption without warning) is
+    failed, and a trial with its settings and run folder is queued to continue it from its
+    last checkpoint; so is a trial stopped by Ctrl-C or a scheduler's signal. A running
+    trial whose claim is held, or whose claim is not on this filesystem, is left alone."""
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    continued = {t.user_attrs.get("continues") for t in trials}
+    for old in trials:
+        if old.number in continued or "run_dir" not in old.user_attrs:
+            continue
+        if old.state == optuna.trial.TrialState.RUNNING:
+            claim = RunFolder(trial_folder(out, old.user_attrs["run_dir"])).trial_lock
+            if held_by_a_live_process(claim) is not False:
+                continue
+            study.tell(old.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        elif not old.user_attrs.get("interrupted"):
+            continue
+        study.enqueue_trial(old.params, user_attrs={"continues": old.number, "run_dir": old.user_attrs["run_dir"]})
 
 
 def trial_folder(out: Path, recorded: str) -> Path:
@@ -377,14 +472,6 @@ def forget_compiled_graphs() -> None:
         torch.cuda.empty_cache()
 
 
-def retry_interrupted(study) -> None:
-    """Trials stopped by Ctrl-C run again first, continuing their run folders."""
-    retried = {t.user_attrs.get("continues") for t in study.trials}
-    for old in study.trials:
-        if old.user_attrs.get("interrupted") and old.number not in retried and "run_dir" in old.user_attrs:
-            study.enqueue_trial(old.params, user_attrs={"continues": old.number, "run_dir": old.user_attrs["run_dir"]})
-
-
 def run_trial(trial, base: Recipe, recipe_name: str, space: list[Dimension], out: Path, device: str | None) -> TrialRecord:
     """Train one trial as a gtrain run; tell the study how it ended."""
     import optuna
@@ -399,9 +486,7 @@ def run_trial(trial, base: Recipe, recipe_name: str, space: list[Dimension], out
     from gtrain.trainer import check_batch_split
 
     params = {dimension.key: dimension.suggest(trial) for dimension in space}
-    recorded = trial.user_attrs.get("run_dir") or f"trials/{trial.number:04d}"
-    trial.set_user_attr("run_dir", recorded)
-    run_dir = trial_folder(out, recorded)
+    run_dir = trial_folder(out, trial.user_attrs["run_dir"])
     start = time.perf_counter()
 
     def finish(state: str, value: float | None, epochs: int, note: str = "") -> TrialRecord:
@@ -410,7 +495,8 @@ def run_trial(trial, base: Recipe, recipe_name: str, space: list[Dimension], out
             trial.set_user_attr("note", note)
         trial.set_user_attr("epochs", epochs)
         trial.study.tell(trial, value if state == "complete" else None, state=optuna_state.get(state, optuna.trial.TrialState.FAIL))
-        return TrialRecord(trial.number, state, value, params, epochs, time.perf_counter() - start, str(run_dir), note)
+        return TrialRecord(trial.number, state, value, params, epochs, time.perf_counter() - start, str(run_dir), note,
+                           trial.user_attrs.get("process", ""))  # fmt: skip
 
     try:
         recipe = validate_recipe(with_values(base.to_dict(), params), source=f"trial {trial.number}")
@@ -452,19 +538,19 @@ def run_trial(trial, base: Recipe, recipe_name: str, space: list[Dimension], out
     return finish("complete", result["best_top1"], result["epochs"])
 
 
-def trial_record(trial, out: Path) -> TrialRecord:
-    state = trial.state.name.lower()
-    if trial.user_attrs.get("interrupted"):
+def trial_record(trial, out: Path, continued: set[int] = frozenset()) -> TrialRecord:
+    """`continued`: the numbers of the trials that other trials continue."""
+    state = {"fail": "failed"}.get(trial.state.name.lower(), trial.state.name.lower())
+    if trial.user_attrs.get("interrupted") or trial.number in continued:
         state = "interrupted"
-    elif state == "fail":
-        state = "failed"
     value = trial.value  # a pruned or interrupted trial's: its last report
     if value is None and trial.last_step is not None:
         value = trial.intermediate_values.get(trial.last_step)
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete and trial.datetime_start else None
     recorded = trial.user_attrs.get("run_dir")
     return TrialRecord(trial.number, state, value, dict(trial.params), trial.user_attrs.get("epochs", trial.last_step or 0),
-                       seconds, str(trial_folder(out, recorded)) if recorded else None, trial.user_attrs.get("note", ""))  # fmt: skip
+                       seconds, str(trial_folder(out, recorded)) if recorded else None, trial.user_attrs.get("note", ""),
+                       trial.user_attrs.get("process", ""))  # fmt: skip
 
 
 def write_best_recipe(out: Path, base: Recipe, best: TrialRecord, trial_count: int) -> Path:
@@ -483,12 +569,37 @@ def write_best_recipe(out: Path, base: Recipe, best: TrialRecord, trial_count: i
     return path
 
 
-def summarize_study(study, out: Path, base: Recipe, ran_here: list[int]) -> TuneResult:
-    records = [trial_record(t, out) for t in study.trials]
+def summarize_study(study, out: Path, base: Recipe | None, ran_here: list[int]) -> TuneResult:
+    """Every trial of the study; with `base`, DIR/best.toml rewritten from the best."""
+    trials = study.trials
+    continued = {t.user_attrs.get("continues") for t in trials}
+    records = [trial_record(t, out, continued) for t in trials]
     complete = [r for r in records if r.state == "complete"]
     best = max(complete, key=lambda r: (r.value, -r.number)) if complete else None
     best_recipe = None
-    if best is not None:  # rewritten from the whole study: another process may have found the best
+    if best is not None and base is not None:  # rewritten from the whole study: another process may have found the best
         best_recipe = write_best_recipe(out, base, best, len(records))
+    elif (out / BEST_RECIPE).exists():
+        best_recipe = out / BEST_RECIPE
     return TuneResult(study.study_name, records, ran_here, best, best_recipe)
 
+
+def study_status(out: Path, *, storage: str | None = None, study_name: str | None = None) -> TuneResult:
+    """`gtrain tune --status DIR`: every trial of the study, without changing it. A running
+    trial whose process is gone says so: the next `gtrain tune` on DIR continues it."""
+    optuna = import_optuna()
+    if storage is None and not (out / JOURNAL).is_file():
+        raise UserError(f"{out} holds no study ({out / JOURNAL} is missing): give the --out of a gtrain tune")
+    name = study_name or out.resolve().name
+    try:
+        study = optuna.load_study(study_name=name, storage=study_storage(out, storage))
+    except KeyError:
+        raise UserError(f"there is no study {name!r} in {storage or out / JOURNAL}: give its --study name") from None
+    except (ValueError, ImportError, ModuleNotFoundError) as error:
+        raise UserError(f"--storage {storage}: Optuna cannot open it ({error_line(error)})") from None
+    result = summarize_study(study, out, None, [])
+    for record in result.trials:
+        if record.state == "running" and record.run_dir:
+            if held_by_a_live_process(RunFolder(Path(record.run_dir)).trial_lock) is False:
+                record.note = f"its process is gone: the next gtrain tune on {out} continues it"
+    return result

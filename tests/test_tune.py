@@ -4,12 +4,13 @@ whose best trial's recipe trains to the same top-1 again."""
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import gtrain_command, invoke
+from tests.conftest import gtrain_command, invoke, run_gtrain
 
 optuna = pytest.importorskip("optuna")
 
@@ -21,12 +22,15 @@ QUICK = ["quickstart", "--set", "train.epochs=2", "--set", "model.stage_depths=[
 SPACE = '"optim.lr" = {low = 1e-4, high = 0.3, log = true}\n"optim.weight_decay" = [1e-4, 5e-4]\n'
 
 
-def study_trials(out: Path):
+def journal(out: Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    storage = JournalStorage(JournalFileBackend(str(out / "study.journal")))
-    return optuna.load_study(study_name=out.name, storage=storage).trials
+    return JournalStorage(JournalFileBackend(str(out / "study.journal")))
+
+
+def study_trials(out: Path):
+    return optuna.load_study(study_name=out.name, storage=journal(out)).trials
 
 
 @pytest.fixture
@@ -36,10 +40,49 @@ def space(tmp_path) -> Path:
     return path
 
 
+# Each process says it is ready, waits for the test's start time, then joins the study of
+# each round's folder at the same instants as the others.
+JOIN_AT_THE_SAME_INSTANT = """
+import os, sys, time
+from pathlib import Path
+from gtrain.recipe import load_recipe
+from gtrain.tune import TuneSettings, join_study, load_space
+
+root = Path(sys.argv[1])
+base, _ = load_recipe("quickstart", [])
+space = load_space(root / "space.toml", base)
+(root / f"ready-{os.getpid()}").touch()
+while not (root / "start").exists():
+    time.sleep(0.01)
+start = float((root / "start").read_text())
+for round in range(5):
+    time.sleep(max(0.0, start + 0.6 * round - time.time()))
+    join_study(root / f"study{round}", base, space, TuneSettings(trials=1))
+"""
+
+
+def test_processes_that_start_a_study_at_the_same_instant_all_join_it(tmp_path, space):
+    command = [sys.executable, "-c", JOIN_AT_THE_SAME_INSTANT, str(tmp_path)]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    deadline = time.time() + 60
+    while len(list(tmp_path.glob("ready-*"))) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "start.tmp").write_text(str(time.time() + 0.2))
+    (tmp_path / "start.tmp").rename(tmp_path / "start")
+    for process in processes:
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr  # none refused
+    for round in range(5):
+        storage = journal(tmp_path / f"study{round}")
+        assert optuna.get_all_study_names(storage) == [f"study{round}"]  # one study
+        study = optuna.load_study(study_name=f"study{round}", storage=storage)
+        assert len([key for key in study.user_attrs if key.startswith("gtrain_search_")]) == 1  # one search, whole
+
+
 @pytest.mark.slow
-def test_two_processes_share_one_study(tmp_path, space):
+def test_two_processes_with_trials_4_finish_exactly_4_trials(tmp_path, space):
     out = tmp_path / "study"
-    command = gtrain_command("tune", *QUICK, "--set", "train.epochs=1", "--space", space, "--out", out, "--trials", 1, "--json")
+    command = gtrain_command("tune", *QUICK, "--set", "train.epochs=1", "--space", space, "--out", out, "--trials", 4, "--json")
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = []
     for process in processes:
@@ -47,16 +90,54 @@ def test_two_processes_share_one_study(tmp_path, space):
         assert process.returncode == 0, stderr
         results.append(json.loads(stdout))
     ran = [set(result["ran_here"]) for result in results]
-    assert len(ran[0]) == len(ran[1]) == 1 and not ran[0] & ran[1]  # each took its own trials
+    assert not ran[0] & ran[1]  # each took its own trials
     trials = study_trials(out)
-    assert sorted(t.number for t in trials) == sorted(ran[0] | ran[1]) == [0, 1]  # the count adds up
+    assert sorted(t.number for t in trials) == sorted(ran[0] | ran[1]) == [0, 1, 2, 3]  # the count adds up
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    per_process = results[-1]["trials_per_process"]
+    assert sum(per_process.values()) == 4 and len(per_process) == len([r for r in ran if r])
     folders = {str(out / t.user_attrs["run_dir"]) for t in trials}  # recorded relative to DIR
-    assert folders == {str(out / "trials" / f"{n:04d}") for n in range(2)}
+    assert folders == {str(out / "trials" / f"{n:04d}") for n in range(4)}
     for folder in folders:
         assert json.loads((Path(folder) / "run.json").read_text())["status"] == "finished"
     listed = invoke("runs", out / "trials")
-    assert listed.exit_code == 0 and all(f"{n:04d}" in listed.output for n in range(2)), listed.output
+    assert listed.exit_code == 0 and all(f"{n:04d}" in listed.output for n in range(4)), listed.output
+
+
+@pytest.mark.slow
+def test_a_trial_whose_process_was_killed_is_continued_from_its_checkpoint(tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text('"optim.lr" = [0.05]\n')
+    out = tmp_path / "study"
+    args = ["tune", *QUICK, "--set", "train.checkpoint_steps=5", "--space", space, "--out", out, "--trials", 1,
+            "--pruner", "none"]  # fmt: skip
+    killed = run_gtrain(*args, fault="kill-at-step:30")  # in epoch 2 of 2 (22 steps each), 5 steps after a checkpoint
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [t.state for t in study_trials(out)] == [optuna.trial.TrialState.RUNNING]
+    first_epoch = (out / "trials" / "0000" / "metrics.jsonl").read_text().splitlines()[0]  # with its timings
+
+    status = invoke("tune", "--status", out, "--json")
+    assert status.exit_code == 0, status.output
+    (running,) = json.loads(status.output)["trials"]
+    assert running["state"] == "running" and "process is gone" in running["note"]
+
+    again = invoke(*args, "--json")
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.output.splitlines()[-1])
+    states = {t["number"]: t["state"] for t in summary["trials"]}
+    assert states == {0: "interrupted", 1: "complete"} and summary["ran_here"] == [1]
+    continued = summary["trials"][1]
+    assert continued["run_dir"] == summary["trials"][0]["run_dir"]
+    record = json.loads((Path(continued["run_dir"]) / "run.json").read_text())
+    assert record["status"] == "finished" and record["epochs_done"] == 2
+    # Continued, not restarted: epoch 1, trained before the kill, was not trained again.
+    assert (Path(continued["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0] == first_epoch
+    assert optuna.trial.TrialState.RUNNING not in [t.state for t in study_trials(out)]
+
+    reference = invoke("fit", *QUICK, "--set", "train.checkpoint_steps=5", "--set", "optim.lr=0.05",
+                       "--out", tmp_path / "reference", "-q")  # fmt: skip
+    assert reference.exit_code == 0, reference.output
+    assert json.loads((tmp_path / "reference" / "run.json").read_text())["best_top1"] == continued["value"]
 
 
 @pytest.mark.slow
@@ -78,7 +159,7 @@ def test_interrupted_study_continues_prunes_and_its_best_recipe_trains_the_same(
     assert states == {0: (optuna.trial.TrialState.COMPLETE, None), 1: (optuna.trial.TrialState.FAIL, True)}
 
     # The same command again: trial 1's settings first, continuing its folder.
-    again = invoke(*command[3:], "--trials", 2, "--json")
+    again = invoke(*command[3:], "--trials", 3, "--json")  # trial 1 continued, and one more
     assert again.exit_code == 0, again.output
     summary = json.loads(again.output.splitlines()[-1])
     by_number = {t["number"]: t for t in summary["trials"]}
