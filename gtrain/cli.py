@@ -261,22 +261,11 @@ def tune(
             raise fail(error) from None
         if as_json:
             sys.stdout.write(json.dumps(result.to_json()) + "\n")
-            return
-        print_leaderboard(result, status)
+        else:
+            print_leaderboard(result, status)
         return
     if space is None or out is None:
         raise fail(UserError("gtrain tune needs --space SPACE.toml and --out DIR (or --status DIR to look at a study)"))
-    quiet = Console(quiet=True)
-    shown = quiet if as_json else console
-
-    def trial_line(record) -> None:
-        settings = "  ".join(f"{key}={_short(value)}" for key, value in record.params.items())
-        value = f"top-1 {record.value:.2%}" if record.value is not None else "no top-1"
-        ending = {"complete": f"{record.epochs} epochs", "pruned": f"pruned after epoch {record.epochs}"}
-        shown.print(f"trial {record.number}  {printable(settings)}  {value}  {ending.get(record.state, record.state)}"
-                    f"  {record.seconds:.0f} s" + (f"  ({printable(record.note)})" if record.state == "failed" else ""),
-                    highlight=False, markup=False, soft_wrap=True)  # fmt: skip
-
     try:
         settings = TuneSettings(trials=trials, pruner=pruner, startup_trials=startup_trials, min_epochs=min_epochs,
                                 seed=seed, storage=storage, study_name=study, device=device)  # fmt: skip
@@ -288,7 +277,8 @@ def tune(
                 "not a held-out one; where the data has a val split, --set data.val_split=val",
                 style="yellow", highlight=False, markup=False, soft_wrap=True,
             )  # fmt: skip
-        result = run_tune(base, name, dimensions, out=out, settings=settings, on_trial=trial_line)
+        result = run_tune(base, name, dimensions, out=out, settings=settings,
+                          on_trial=lambda record: None if as_json else print_trial_line(record))  # fmt: skip
     except UserError as error:
         raise fail(error) from None
     except OSError as error:  # an unreadable or corrupt data file, a full disk
@@ -306,8 +296,17 @@ def tune(
         raise typer.Exit(130) from None
     if as_json:
         sys.stdout.write(json.dumps(result.to_json()) + "\n")
-        return
-    print_leaderboard(result, out)
+    else:
+        print_leaderboard(result, out)
+
+
+def print_trial_line(record) -> None:
+    settings = "  ".join(f"{key}={_short(value)}" for key, value in record.params.items())
+    value = f"top-1 {record.value:.2%}" if record.value is not None else "no top-1"
+    ending = {"complete": f"{record.epochs} epochs", "pruned": f"pruned after epoch {record.epochs}"}
+    console.print(f"trial {record.number}  {printable(settings)}  {value}  {ending.get(record.state, record.state)}"
+                  f"  {record.seconds:.0f} s" + (f"  ({printable(record.note)})" if record.state == "failed" else ""),
+                  highlight=False, markup=False, soft_wrap=True)  # fmt: skip
 
 
 def _short(value) -> str:
