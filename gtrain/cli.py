@@ -156,7 +156,8 @@ def eval_(
         return
     console.print(
         f"{report['model']} on {printable(report['dataset'])} ({report['split']}, {report['images']:,} images): "
-        f"top-1 {report['top1']:.2%}  top-5 {report['top5']:.2%}  loss {report['loss']:.4f}  "
+        f"top-1 {report['top1']:.2%}  balanced {report['balanced_top1']:.2%}  top-5 {report['top5']:.2%}  "
+        f"loss {report['loss']:.4f}  "
         f"{report['images_per_s']:,.0f} img/s  {report['device']} {report['precision']}"
         + (f"  tta {report['tta']}" if report["tta"] else ""),
         highlight=False,

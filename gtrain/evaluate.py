@@ -42,6 +42,13 @@ class EvalResult:
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
 
+    @property
+    def balanced_top1(self) -> float:
+        """The mean of the per-class recalls, over the classes the split has: top-1 as if
+        every class had as many images (what an unbalanced split's top-1 hides)."""
+        recalls = [correct / total for correct, total in zip(self.class_correct, self.class_total) if total]
+        return sum(recalls) / len(recalls)
+
     def per_class(self, class_names: tuple[str, ...]) -> list[dict[str, Any]]:
         """One row per class; top1 is the class's recall. A ratio with nothing to count is None."""
         predicted = [sum(column) for column in zip(*self.confusion)]
@@ -294,6 +301,7 @@ def eval_report(result: EvalResult, meta, settings: EvalSettings, *, weights: Pa
         "precision": settings.precision,
         "channels_last": settings.channels_last,
         "top1": result.top1,
+        "balanced_top1": result.balanced_top1,
         "top5": result.top5,
         "loss": result.loss,
         "images": result.images,

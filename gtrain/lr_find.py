@@ -98,7 +98,7 @@ def _range_test(recipe: Recipe, *, steps: int, start_lr: float, end_lr: float, d
             break
         lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
         for group in trainer.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay and the head scale keep their ratios
         # The step `gtrain fit` takes; its schedule's lr is overwritten before the next one.
         value = trainer.train_step(inputs, targets, step).item()
         if not math.isfinite(value):

@@ -9,24 +9,45 @@ import math
 import torch
 from torch import nn
 
+from gtrain.models import classifier_keys, layer_ids
 from gtrain.recipe import OptimSection
 
 
-def param_groups(model: nn.Module, weight_decay: float, *, norms_and_biases: bool = False) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, *, norms_and_biases: bool = False, layer_decay: float | None = None,
+    head_lr_scale: float = 1.0,
+) -> list[dict]:  # fmt: skip
     """Weight decay on conv and linear weights only: decaying norm scales and biases
     hurts accuracy (Goyal et al. 2017; the HorNet and ConvNeXt recipes do the same).
-    `norms_and_biases` decays every parameter, as the ResNeXt paper's code does."""
-    decay, no_decay = [], []
-    for param in model.parameters():
+    `norms_and_biases` decays every parameter, as the ResNeXt paper's code does.
+
+    Each group's "lr_scale" is the multiple of optim.lr it trains at: with `layer_decay`,
+    depth d of D (the stem 0, each block, then the head) trains at layer_decay ** (D - 1 - d)
+    (timm's layer decay); the classifier at `head_lr_scale` times that."""
+    head = set(classifier_keys(model)) if head_lr_scale != 1.0 else set()
+    depth_of, depths = layer_ids(model) if layer_decay is not None else ({}, 1)
+    groups: dict[tuple, dict] = {}
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 and not norms_and_biases else decay).append(param)
-    # Always two groups, so that a checkpoint's optimizer state fits whichever way it was written.
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = param.ndim > 1 or norms_and_biases
+        depth = depth_of.get(name, 0)
+        scale = (layer_decay ** (depths - 1 - depth) if layer_decay is not None else 1.0) * (head_lr_scale if name in head else 1.0)
+        key = (depth, scale, not decays) if layer_decay is not None or head_lr_scale != 1.0 else (0, 1.0, not decays)
+        group = groups.setdefault(key, {"params": [], "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale})
+        group["params"].append(param)
+    # At least the two groups of decayed and undecayed parameters, so that a checkpoint's
+    # optimizer state fits whichever way it was written.
+    for undecayed in (False, True):
+        groups.setdefault((0, 1.0, undecayed), {"params": [], "weight_decay": 0.0 if undecayed else weight_decay, "lr_scale": 1.0})
+    return [groups[key] for key in sorted(groups)]
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
-    groups = param_groups(model, optim.weight_decay, norms_and_biases=optim.weight_decay_norms_and_biases)
+    groups = param_groups(model, optim.weight_decay, norms_and_biases=optim.weight_decay_norms_and_biases,
+                          layer_decay=optim.layer_decay, head_lr_scale=optim.head_lr_scale)  # fmt: skip
+    for group in groups:
+        group["lr"] = optim.lr * group["lr_scale"]
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov and optim.momentum > 0)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)

@@ -30,6 +30,7 @@ class EpochRow:
     seconds: float
     val_loss_ema: float | None = None  # of the weight average, with train.ema_decay
     val_top1_ema: float | None = None
+    val_balanced_top1: float | None = None  # the mean of the per-class recalls
 
     def to_record(self) -> dict[str, Any]:
         """The metrics.jsonl line: every measured value."""

@@ -94,6 +94,12 @@ class DataSection(Section):
     interpolation: Literal["bilinear", "bicubic"] = Field(
         "bilinear", description="resampling of the train crop and the evaluation resize; saved with the weights for eval and predict"
     )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weight each class's loss by N / (classes x its training images), for unbalanced data"
+    )
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle", description="shuffle: every image once per epoch; balanced: as many images of each class per epoch, drawn again where a class has fewer"
+    )
     mixup_alpha: float = Field(0.0, ge=0, description="Beta(alpha, alpha) MixUp of image pairs in a batch; 0: off")
     cutmix_alpha: float = Field(
         0.0, ge=0, description="Beta(alpha, alpha) CutMix of image pairs in a batch; 0: off; with mixup_alpha, one of the two per batch"
@@ -134,6 +140,12 @@ class OptimSection(Section):
     gamma: float = Field(0.1, gt=0, le=1, description="multistep: lr factor at each milestone")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/onecycle: final lr as a fraction of lr")
     clip_grad_norm: float | None = Field(None, gt=0, description="max global gradient norm; unset: no clipping")
+    head_lr_scale: float = Field(1.0, gt=0, description="the classifier's lr as a multiple of lr (fine-tuning: a new head learns faster)")
+    layer_decay: float | None = Field(
+        None, gt=0, le=1,
+        description="each block's lr this factor times the next deeper block's (timm's --layer-decay; ResNeXt by "
+        "bottleneck, HorNet by stage and block); the stem gets the smallest; unset: one lr",
+    )  # fmt: skip
 
 
 class TrainSection(Section):
@@ -189,6 +201,11 @@ class TrainSection(Section):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many epochs without a new best validation top-1"
     )
+    freeze_epochs: int = Field(
+        0, ge=0,
+        description="fine-tuning: for this many epochs only the classifier trains (a linear probe on model.pretrained); "
+        "the rest keeps its weights and BatchNorm statistics; then every layer trains",
+    )  # fmt: skip
 
 
 class LogSection(Section):

@@ -22,6 +22,7 @@ crash take the same path. What a run writes goes through `RunRecords`, which `gt
 hands to `train`.
 """
 
+import dataclasses
 import math
 import random
 import time
@@ -37,14 +38,14 @@ from torch.nn import functional as F
 
 from gtrain import distributed, faults, runtime
 from gtrain.checkpoint import WeightsMeta, load_into, save_state, save_weights
-from gtrain.data import DataBundle, batch_mix, build_data
+from gtrain.data import DataBundle, balanced_class_weights, batch_mix, build_data
 from gtrain.data.loaders import build_loaders
 from gtrain.data.randomness import BATCH_STREAM, drawn_from
 from gtrain.distributed import World
 from gtrain.ema import WeightEMA
 from gtrain.errors import UserError
 from gtrain.evaluate import evaluate
-from gtrain.models import create_model
+from gtrain.models import classifier_keys, create_model
 from gtrain.models.layers import GhostBatchNorm2d
 from gtrain.optim import build_optimizer, build_scheduler
 from gtrain.progress import EpochRow, Reporter
@@ -138,6 +139,8 @@ class TrainerSettings:
     pause_after_s: float = math.inf  # end a segment this long after it began, to checkpoint
     checkpoint_steps: int | None = None  # and after every this many steps of the run
     early_stopping_patience: int | None = None
+    freeze_epochs: int = 0  # epochs in which only the classifier trains
+    class_weights: torch.Tensor | None = None  # of each class's loss, on the device; None: all 1
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, *, device: torch.device, num_classes: int, steps_per_epoch: int) -> "TrainerSettings":
@@ -149,7 +152,7 @@ class TrainerSettings:
             clip_grad_norm=recipe.optim.clip_grad_norm, accumulate_steps=train.accumulate_steps,
             mix=batch_mix(mixup_alpha=recipe.data.mixup_alpha, cutmix_alpha=recipe.data.cutmix_alpha, num_classes=num_classes),
             pause_after_s=train.checkpoint_minutes * 60, checkpoint_steps=train.checkpoint_steps,
-            early_stopping_patience=train.early_stopping_patience,
+            early_stopping_patience=train.early_stopping_patience, freeze_epochs=train.freeze_epochs,
         )  # fmt: skip
 
 
@@ -204,6 +207,7 @@ class Trainer:
     loaders: tuple[Any, Any, Any] | None = None  # train loader, its EpochSampler, validation loader
     pretrained: Any = None  # the report of model.pretrained's loading, or None
     progress: RunProgress = field(default_factory=RunProgress)
+    frozen: bool = False  # only the classifier trains (train.freeze_epochs)
 
     def __post_init__(self):
         # The first step (from 1) whose loss was not finite, kept on the device: checking
@@ -214,14 +218,20 @@ class Trainer:
     def build(cls, recipe: Recipe, data: DataBundle, *, world: World, device: torch.device, pretrained: bool) -> "Trainer":
         """The trainer of `recipe` on `data`, with the model from published weights when
         `pretrained`, and the data loaders of this process."""
+        balanced = recipe.data.sampler == "balanced"
+        # A balanced epoch: as many images of each class, the epoch's size rounded down to a multiple of the classes.
+        images = len(data.train) // data.info.num_classes * data.info.num_classes if balanced else len(data.train)
         trainer = cls.for_model(
             recipe, num_classes=data.info.num_classes, in_chans=data.info.in_chans,
-            steps_per_epoch=len(data.train) // recipe.data.batch_size, world=world, device=device, pretrained=pretrained,
+            steps_per_epoch=images // recipe.data.batch_size, world=world, device=device, pretrained=pretrained,
         )  # fmt: skip
         trainer.loaders = build_loaders(
             data, global_batch=recipe.data.batch_size, seed=recipe.train.seed, workers=recipe.data.workers,
-            device=device, world=world,
+            device=device, world=world, balanced=balanced,
         )  # fmt: skip
+        if recipe.data.class_weights == "balanced":
+            weights = balanced_class_weights(data.train, data.info.num_classes).to(device)
+            trainer.settings = dataclasses.replace(trainer.settings, class_weights=weights)
         return trainer
 
     @classmethod
@@ -232,6 +242,11 @@ class Trainer:
         """The model (from published weights with `pretrained`), its DDP and compiled forms,
         the optimizer, the schedule, the scaler and the EMA, without data loaders."""
         train = recipe.train
+        if train.freeze_epochs and not recipe.model.pretrained:
+            raise UserError(
+                f"train.freeze_epochs = {train.freeze_epochs} trains only the classifier on top of published weights, "
+                "but model.pretrained is unset: set it, or set train.freeze_epochs = 0"
+            )
         settings = TrainerSettings.from_recipe(recipe, device=device, num_classes=num_classes, steps_per_epoch=steps_per_epoch)
         model = create_model(recipe.model.name, num_classes=num_classes, in_chans=in_chans, **recipe.model_overrides())
         loaded = None
@@ -261,7 +276,32 @@ class Trainer:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """optim.lr as the schedule has it now (groups with a layer decay or head scale train at multiples of it)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        """While `frozen`, only the classifier trains: the rest gets no gradients, so keeps
+        its weights, and `train_mode` keeps its BatchNorm statistics."""
+        if frozen == self.frozen:
+            return
+        head = set(classifier_keys(self.model))
+        for name, param in self.model.named_parameters():
+            if name not in head:
+                param.requires_grad_(not frozen)
+        self.frozen = frozen
+        if self.world.distributed or self.recipe.train.compile:
+            # DDP registers the parameters that train when it wraps the model, and a compiled
+            # graph assumes them: both are made again.
+            trained = distributed.wrap(self.model, False, self.settings.device, self.world)
+            self.step_model = torch.compile(trained) if self.recipe.train.compile else trained
+
+    def train_mode(self) -> None:
+        self.step_model.train()
+        if self.frozen:  # running statistics that change would change the frozen backbone
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     # -----------------------------------------------------------------------------------
     # The step
@@ -282,7 +322,8 @@ class Trainer:
             with distributed.gradient_sync(model, last):
                 with runtime.autocast(settings.device, settings.precision):
                     logits = model(chunk_inputs)
-                chunk_loss = F.cross_entropy(logits.float(), chunk_targets, label_smoothing=settings.label_smoothing)
+                chunk_loss = F.cross_entropy(logits.float(), chunk_targets, weight=settings.class_weights,
+                                             label_smoothing=settings.label_smoothing)  # fmt: skip
                 if share != 1.0:
                     # Each chunk's mean loss weighted by its share of the batch: the gradients
                     # sum to those of the whole batch's mean loss.
@@ -322,10 +363,11 @@ class Trainer:
         run_start = time.perf_counter() - progress.elapsed_s
         for epoch in range(progress.epoch, settings.epochs):
             reporter.epoch_start(epoch + 1, settings.epochs, steps_per_epoch, progress.this_epoch.steps)
+            self.freeze_backbone(epoch < settings.freeze_epochs)
             while progress.this_epoch.steps < steps_per_epoch:  # segments, with a checkpoint between them
                 segment = Segment(self, epoch, first_step=progress.this_epoch.steps)
                 sampler.set_epoch(epoch, start_step=segment.first_step)
-                self.step_model.train()
+                self.train_mode()
                 for inputs, targets in train_loader:
                     segment.batch_arrived()
                     loss = self.train_step(inputs, targets, segment.global_step)
@@ -366,6 +408,7 @@ class Trainer:
             images_per_s=totals.images / totals.seconds, data_wait_fraction=totals.data_wait_s / totals.seconds,
             seconds=totals.seconds + result.seconds + (result_ema.seconds if result_ema else 0.0),
             val_loss_ema=result_ema.loss if result_ema else None, val_top1_ema=result_ema.top1 if result_ema else None,
+            val_balanced_top1=result.balanced_top1,
         )  # fmt: skip
         records.reporter.epoch_end(row)
         progress.end_epoch(row.to_record())

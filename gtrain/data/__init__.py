@@ -11,18 +11,22 @@ from gtrain.data.datasets import (
     DatasetSpec,
     Digits,
     Pipeline,
+    balanced_class_weights,
     batch_mix,
     build_data,
     build_eval_data,
     check_flip_keeps_the_class,
     choose_pipeline,
     eval_transform,
+    class_counts,
     list_datasets,
+    train_labels,
     train_transform,
 )
 
 __all__ = [
     "DATASETS", "IMAGE_FOLDER", "IMAGE_FOLDER_SPEC", "BatchAugmentation", "DataBundle", "DatasetInfo", "DatasetSpec",
-    "Digits", "Pipeline", "batch_mix", "build_data", "build_eval_data", "check_flip_keeps_the_class", "choose_pipeline",
-    "eval_transform", "list_datasets", "train_transform",
+    "Digits", "Pipeline", "balanced_class_weights", "batch_mix", "build_data", "build_eval_data",
+    "check_flip_keeps_the_class", "choose_pipeline", "class_counts", "eval_transform", "list_datasets", "train_labels",
+    "train_transform",
 ]  # fmt: skip

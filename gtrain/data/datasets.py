@@ -813,3 +813,29 @@ def check_flip_keeps_the_class(dataset: str) -> None:
             f"--tta flip: {dataset} is trained without horizontal flips because a mirrored image can be "
             "another class (a mirrored digit or sign); use --tta none"
         )
+
+
+def train_labels(dataset: Any) -> torch.Tensor:
+    """The class index of every image of a split, read from the dataset's label list (no
+    image is opened): torchvision's `targets` (SVHN: `labels`)."""
+    labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise UserError(
+            f"{type(dataset).__name__} keeps no list of its labels: data.class_weights and data.sampler = "
+            "'balanced' need one; leave them at their defaults for this dataset"
+        )
+    return torch.as_tensor(labels, dtype=torch.int64)
+
+
+def class_counts(dataset: Any, num_classes: int) -> torch.Tensor:
+    return torch.bincount(train_labels(dataset), minlength=num_classes)
+
+
+def balanced_class_weights(dataset: Any, num_classes: int) -> torch.Tensor:
+    """Loss weights N / (classes x count) (scikit-learn's "balanced"): every class adds as
+    much to the loss as the others; a class without training images weighs 0."""
+    counts = class_counts(dataset, num_classes).double()
+    weights = counts.sum() / (num_classes * counts.clamp(min=1))
+    return torch.where(counts > 0, weights, 0.0).float()

@@ -26,10 +26,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from gtrain.data.datasets import (
-    BatchAugmentation, DataBundle, DeviceFinish, EncodedImage, Pipeline, decode_image_data,
+    BatchAugmentation, DataBundle, DeviceFinish, EncodedImage, Pipeline, decode_image_data, train_labels,
 )  # fmt: skip
 from gtrain.data.randomness import ERASING_STREAM, SAMPLE_STREAM, SampleKey, SeededBySample, drawn_from, seed_of
 from gtrain.distributed import World
+from gtrain.errors import UserError
 
 
 class EpochSampler(Sampler[SampleKey]):
@@ -78,11 +79,47 @@ class EpochSampler(Sampler[SampleKey]):
         return (self.steps - self.start_step) * (self.global_batch // self.world_size)
 
 
+class BalancedSampler(EpochSampler):
+    """As many images of each class every epoch (the epoch's size rounded down to a
+    multiple of the class count), then shuffled: a class with fewer images has them drawn
+    again, in a fresh order each time. Drawn from (seed, epoch) alone, so it resumes and
+    shards as `EpochSampler` does."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, seed: int, **shard):
+        counts = torch.bincount(labels, minlength=num_classes)
+        if (counts == 0).any():
+            empty = int((counts == 0).nonzero()[0])
+            raise UserError(
+                f"data.sampler = 'balanced' draws every class equally often, but class {empty} has no training "
+                "images: add some, or use data.sampler = 'shuffle'"
+            )
+        self.by_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+        super().__init__(len(labels) // num_classes * num_classes, seed, **shard)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        per_class = self.size // len(self.by_class)
+        drawn = []
+        for members in self.by_class:
+            rounds = -(-per_class // len(members))
+            orders = [members[torch.randperm(len(members), generator=generator)] for _ in range(rounds)]
+            drawn.append(torch.cat(orders)[:per_class])
+        chosen = torch.cat(drawn)
+        return chosen[torch.randperm(len(chosen), generator=generator)]
+
+
+def epoch_sampler(data: DataBundle, seed: int, *, global_batch: int, balanced: bool, **shard) -> EpochSampler:
+    if balanced:
+        return BalancedSampler(train_labels(data.train), data.info.num_classes, seed, global_batch=global_batch, **shard)
+    return EpochSampler(len(data.train), seed, global_batch=global_batch, **shard)
+
+
 def make_train_loader(
     dataset: Dataset, *, global_batch: int, seed: int, workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1,
-    collate_fn=None,
+    collate_fn=None, sampler: EpochSampler | None = None,
 ):  # fmt: skip
-    sampler = EpochSampler(len(dataset), seed, global_batch=global_batch, rank=rank, world_size=world_size)
+    if sampler is None:
+        sampler = EpochSampler(len(dataset), seed, global_batch=global_batch, rank=rank, world_size=world_size)
     loader = DataLoader(
         SeededBySample(dataset, seed),
         batch_size=global_batch // world_size,
@@ -326,18 +363,20 @@ class InMemoryLoader:
 
 
 def build_loaders(data: DataBundle, *, global_batch: int, seed: int, workers: int, device: torch.device,
-                  world: World):  # fmt: skip
+                  world: World, balanced: bool = False):  # fmt: skip
     """(train loader, its sampler, val loader) for `data.pipeline`: training batches of
     global_batch / world.size images per process, validation batches of global_batch images
-    (`evaluation_batches`), on the device or from DataLoaders with `workers` processes."""
+    (`evaluation_batches`), on the device or from DataLoaders with `workers` processes.
+    `balanced`: each class drawn equally often (`BalancedSampler`)."""
     batch_size = global_batch // world.size
     shard = dict(rank=world.rank, world_size=world.size)
+    sampler = epoch_sampler(data, seed, global_batch=global_batch, balanced=balanced, **shard)
     if data.pipeline != Pipeline.IN_MEMORY:
         pin_memory = device.type == "cuda"
         finish = data.train_finish
         train_loader, sampler = make_train_loader(
             data.train, global_batch=global_batch, seed=seed, workers=workers, pin_memory=pin_memory, **shard,
-            collate_fn=collate_encoded if data.pipeline == Pipeline.DEVICE_DECODE else None,
+            collate_fn=collate_encoded if data.pipeline == Pipeline.DEVICE_DECODE else None, sampler=sampler,
         )  # fmt: skip
         if finish is not None:  # uint8 batches, finished on the device
             train_loader = DeviceBatches(train_loader, finish, device, sampler=sampler, seed=seed)
@@ -345,7 +384,6 @@ def build_loaders(data: DataBundle, *, global_batch: int, seed: int, workers: in
                                       finish=data.val_finish, device=device, **shard)  # fmt: skip
         return train_loader, sampler, val_loader
     info = data.info
-    sampler = EpochSampler(len(data.train), seed, global_batch=global_batch, **shard)
     train_images, train_labels = load_uint8(data.train, info.image_size, device, data.interpolation)
     val_images, val_labels = load_uint8(data.val, info.image_size, device, data.interpolation)
     normalize = dict(mean=info.mean, std=info.std)

@@ -15,6 +15,7 @@ depthwise 7x7 backward is several times faster on CPU. Same outputs within 1e-5;
 benchmarks/hornet_vs_reference.py measures the training step.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -272,6 +273,16 @@ class HorNet(nn.Module):
         old = self.head.weight
         self.head = nn.Linear(self.num_features, num_classes).to(device=old.device, dtype=old.dtype)
         _init_weights(self.head)
+
+
+def block_of(name: str) -> tuple[int, int] | None:
+    """(stage, position) of a parameter in a stage: a stage's downsampling layer first, then
+    its blocks; None for the stem and the final norm and head."""
+    if match := re.match(r"stages\.(\d+)\.(\d+)\.", name):
+        return int(match[1]), int(match[2]) + 1
+    if (match := re.match(r"downsample_layers\.(\d+)\.", name)) and match[1] != "0":
+        return int(match[1]), 0
+    return None
 
 
 # ----------------------------------------------------------------------------- variants

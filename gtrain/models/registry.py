@@ -8,7 +8,7 @@ error instead of being ignored.
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -36,6 +36,8 @@ class ModelParts:
 
     classifier: str  # the Linear that gives the logits
     stem: str  # the first convolution, the only one that sees the image's channels
+    # A parameter's block, ordered input to output (None outside the blocks): layer decay's depth.
+    block_of: Callable[[str], tuple[int, ...] | None]
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -62,6 +64,22 @@ def classifier_keys(model: nn.Module) -> tuple[str, ...]:
 def stem_weight_key(model: nn.Module) -> str:
     """The state_dict key of the weight of the model's stem convolution."""
     return f"{_PARTS[type(model)].stem}.weight"
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Each parameter's depth for layer decay, and the number of depths: 0 for the stem,
+    one per block of the family's `block_of`, the last for what follows the blocks (the
+    final norm and the classifier)."""
+    block_of = _PARTS[type(model)].block_of
+    names = [name for name, _ in model.named_parameters()]
+    blocks = sorted({block for name in names if (block := block_of(name)) is not None})
+    depth = {block: index + 1 for index, block in enumerate(blocks)}
+    ids, seen_a_block = {}, False
+    for name in names:
+        block = block_of(name)
+        seen_a_block |= block is not None
+        ids[name] = depth[block] if block is not None else (len(blocks) + 1 if seen_a_block else 0)
+    return ids, len(blocks) + 2
 
 
 def list_models() -> list[str]:

@@ -12,6 +12,7 @@ The CIFAR variants keep the same names for their 3x3 stem (conv1, bn1) and their
 three stages (layer1..layer3).
 """
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -158,6 +159,13 @@ class ResNeXt(nn.Module):
 # 256/512/1024 channels, named CxWd (C = cardinality, W = group width in stage 1). The
 # paper's 8x64d and 16x64d are GPU-sized; 2x16d and 4x16d (2-3M parameters) fit a laptop CPU.
 # Columns C and d are cardinality and width_per_group, in the paper's letters.
+def block_of(name: str) -> tuple[int, int] | None:
+    """(stage, block) of a parameter in a bottleneck, as timm groups ResNet's blocks for
+    layer decay; None for the stem and the classifier."""
+    match = re.match(r"layer(\d+)\.(\d+)\.", name)
+    return (int(match[1]), int(match[2])) if match else None
+
+
 VARIANTS: dict[str, ResNeXtConfig] = {
     #                                  stage_depths    C   d   stem        input_size
     "resnext50_32x4d":   ResNeXtConfig((3, 4, 6, 3),   32, 4,  "imagenet", 224),
