@@ -462,11 +462,18 @@ def recipes(
 @app.command()
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of objects.")] = False,
+    weights: Annotated[
+        bool, typer.Option("--weights", help="List the published weights model.pretrained can name instead.")
+    ] = False,
 ) -> None:
     """List every model: family, parameters, GMACs (the papers' "FLOPs") at its input size.
 
     Parameters are counted with the head for the class count the variant is published for."""
     from gtrain.models.summary import model_table
+
+    if weights:
+        print_weights_table(as_json)
+        return
 
     rows = model_table()
     if as_json:
@@ -487,6 +494,44 @@ def models(
         )  # fmt: skip
 
     console.print(table)
+
+
+def print_weights_table(as_json: bool) -> None:
+    from gtrain.hub import weights_table
+
+    rows = weights_table()
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    table = Table(title="published weights (model.pretrained = NAME; gtrain weights fetch NAME --model MODEL)")
+    for column in ("model", "name", "ImageNet top-1", "licence", "cached"):
+        table.add_column(column, justify="right" if column == "ImageNet top-1" else "left")
+    for row in rows:
+        top1 = f"{row['top1']:.2%}" if row["top1"] is not None else "-"
+        table.add_row(row["model"], row["name"], top1, row["licence"], "yes" if row["cached"] else "no")
+    console.print(table)
+
+
+weights_app = typer.Typer(help="Published weights by name: fetch them ahead of an offline job.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    name: Annotated[str, typer.Argument(help="torchvision:TAG (with --model) or https://...#sha256=HEX.")],
+    model: Annotated[Optional[str], typer.Option(help="The model whose torchvision weights TAG names.")] = None,
+) -> None:
+    """Download published weights into PyTorch's hub cache ($TORCH_HOME/hub/checkpoints), checked
+    against their hash, so that a later `gtrain fit` with model.pretrained = NAME needs no network."""
+    from gtrain.hub import TORCHVISION, fetch, resolve
+
+    try:
+        if name.startswith(TORCHVISION) and model is None:
+            raise UserError(f"{name} is one of a model's torchvision weights: add --model MODEL (`gtrain models --weights` lists them)")
+        path = fetch(resolve(name, model or ""))
+    except UserError as error:
+        raise fail(error) from None
+    console.print(f"{printable(name)}: {printable(path)}", highlight=False, markup=False)
 
 
 @app.command()

@@ -19,6 +19,7 @@ from gtrain.data import DataBundle
 from gtrain.distributed import World
 from gtrain.errors import UserError, error_line, unreadable_file
 from gtrain.files import write_text_atomic
+from gtrain.hub import with_weights_preprocessing
 from gtrain.progress import Reporter, format_seconds
 from gtrain.recipe import Recipe, load_recipe
 from gtrain.run_folder import MetricsLog, RunFolder, RunStatus, require_tensorboard
@@ -85,6 +86,7 @@ class FitPlan:
     # "either": continue it if it holds one, else start it (--auto-resume, a launcher's restart).
     start: Literal["new", "continue", "either"]
     notice: str | None = None  # a line the command prints before it starts
+    preprocessing: str | None = None  # what [data] took from model.pretrained's weights, for the start panel
 
 
 def plan_fit(
@@ -110,6 +112,7 @@ def plan_fit(
             "add --out DIR"
         )
     loaded, name = load_recipe(recipe or "quickstart", overrides)
+    loaded, preprocessing = with_weights_preprocessing(loaded)
     if out is None:
         paths = RunFolder.new_default(name)
         notice = None
@@ -118,9 +121,9 @@ def plan_fit(
                 f"this is restart {distributed.restart_count()} of the job, but without --out there is no folder to "
                 f"continue: starting over in {paths.root} (give --out DIR to continue instead)"
             )
-        return FitPlan(loaded, paths, name, "new", notice)
+        return FitPlan(loaded, paths, name, "new", notice, preprocessing)
     restarted = distributed.restart_count() > 0
-    return FitPlan(loaded, RunFolder(out), name, "either" if auto_resume or restarted else "new")
+    return FitPlan(loaded, RunFolder(out), name, "either" if auto_resume or restarted else "new", None, preprocessing)
 
 
 def fit(plan: FitPlan, *, reporter: Reporter, device: str | None = None, epoch_end: EpochEnd | None = None) -> dict[str, Any]:
@@ -147,6 +150,8 @@ def fit(plan: FitPlan, *, reporter: Reporter, device: str | None = None, epoch_e
                 reporter.notice(f"{lock.unlocked_because}: nothing stops a second process training into it")
             trainer, records, start = set_up(recipe, paths, reporter, device=distributed.local_device(device_, world),
                                              resume=resume, world=world, recipe_name=plan.recipe_name)  # fmt: skip
+            if plan.preprocessing:
+                start["preprocessing"] = plan.preprocessing
             return train_and_finish(trainer, records, start, epoch_end)
     except distributed.LostPeer:
         peer_lost = True  # the group cannot be torn down cleanly without its peer

@@ -251,9 +251,10 @@ class Trainer:
         model = create_model(recipe.model.name, num_classes=num_classes, in_chans=in_chans, **recipe.model_overrides())
         loaded = None
         if pretrained:
+            from gtrain.hub import local_file
             from gtrain.pretrained import load_pretrained
 
-            loaded = load_pretrained(model, Path(recipe.model.pretrained))
+            loaded = load_pretrained(model, local_file(recipe.model.pretrained, recipe.model.name))
         if train.bn_group_size is not None and not GhostBatchNorm2d.convert(model, train.bn_group_size):
             raise UserError(f"train.bn_group_size: {recipe.model.name} has no BatchNorm layers to group; leave it unset")
         model.to(device)

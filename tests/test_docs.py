@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from gtrain.cli import app
+from gtrain.hub import resolve
 from gtrain.models import create_model
 from gtrain.recipe import (
     SAFE_TO_CHANGE_ON_RESUME, Recipe, bundled_recipes, flatten, load_recipe, recipe_reference, validate_recipe,
@@ -154,21 +155,25 @@ def test_tutorial_recipe_trains_on_an_image_folder_laid_out_as_the_tutorial_says
     assert match, "README.md: the tutorial's recipe is the ```toml block after <!-- tutorial-recipe -->"
     document = tomllib.loads(match.group(1))
     data, model = document["data"], document["model"]
-    assert f"'{model['pretrained']}')" in text, "the tutorial saves the weights where its recipe reads them"
+    assert model["pretrained"].startswith("torchvision:"), "the tutorial names torchvision's weights"
+    assert f"gtrain weights fetch {model['pretrained']}" in " ".join(text.split()), "and says how to fetch them"
 
     # The tutorial's folders, relative to where the user runs gtrain, with tiny images.
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     write_image_folder(Path(data["root"]), images_per_class={"train": 16, "val": 4, "test": 4}, size=16)
-    Path(model["pretrained"]).parent.mkdir(parents=True, exist_ok=True)
-    # Stands in for the published weights: ImageNet's 1000 classes, every BatchNorm scale non-zero.
+    # Stands in for the published weights, in the cache: ImageNet's 1000 classes, every BatchNorm scale non-zero.
+    cached = resolve(model["pretrained"], model["name"]).cached_file
+    cached.parent.mkdir(parents=True)
     published = create_model(model["name"], num_classes=1000, zero_init_last_bn=False)
-    torch.save(published.state_dict(), model["pretrained"])
+    torch.save(published.state_dict(), cached)
     validate_recipe(document, source="README.md's tutorial recipe")
 
     Path("my_recipe.toml").write_text(match.group(1))
     # fp32: bf16 autocast of ResNeXt-50 at 16 px (1x1 maps from stage 3 on) made the loss NaN in
     # some runs and not others on a CPU with AMX; this test is about the tutorial, not that size.
-    small = {"train.epochs": 1, "data.image_size": 16, "data.batch_size": 8, "data.workers": 0, "train.precision": "fp32"}
+    small = {"train.epochs": 1, "data.image_size": 16, "data.eval_image_size": 16, "data.eval_resize_size": 18,
+             "data.batch_size": 8, "data.workers": 0, "train.precision": "fp32"}  # fmt: skip
     overrides = [arg for key, value in small.items() for arg in ("--set", f"{key}={value}")]
     result = runner.invoke(app, ["fit", "my_recipe.toml", *overrides, "--quiet"])
     assert result.exit_code == 0, result.output
