@@ -271,6 +271,9 @@ def start_facts(trainer: Trainer, data: DataBundle, paths: RunFolder, resume: bo
         facts["pretrained"] = trainer.pretrained.describe()
     if trainer.ema is not None:
         facts["ema"] = f"decay {recipe.train.ema_decay} per step (best_ema / final_ema.safetensors)"
+    if trainer.teacher is not None:
+        distill = recipe.distill
+        facts["teacher"] = f"{distill.teacher} (temperature {distill.temperature:g}, alpha {distill.alpha:g})"
     tuning = [f"the classifier alone for {recipe.train.freeze_epochs} epochs, then every layer"] if recipe.train.freeze_epochs else []
     tuning += [f"layer decay {recipe.optim.layer_decay}"] if recipe.optim.layer_decay else []
     tuning += [f"classifier lr x{recipe.optim.head_lr_scale:g}"] if recipe.optim.head_lr_scale != 1.0 else []

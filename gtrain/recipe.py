@@ -208,6 +208,19 @@ class TrainSection(Section):
     )  # fmt: skip
 
 
+class DistillSection(Section):
+    """Knowledge distillation: a trained teacher's softened outputs as a second target."""
+
+    teacher: str | None = Field(
+        None, description="a run folder or a .safetensors file written by gtrain fit, for the same classes; unset: no teacher"
+    )
+    temperature: float = Field(1.0, gt=0, description="both models' logits are divided by it before the softmax")
+    alpha: float = Field(
+        0.5, ge=0, le=1,
+        description="the weight of the teacher's soft loss (KL divergence, times temperature squared); 1 - alpha the labels'",
+    )  # fmt: skip
+
+
 class LogSection(Section):
     """What is logged besides metrics.jsonl and run.json."""
 
@@ -224,6 +237,7 @@ class Recipe(BaseModel):
     data: DataSection = Field(default_factory=DataSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
     log: LogSection = Field(default_factory=LogSection)
 
     @model_validator(mode="after")

@@ -41,6 +41,7 @@ from gtrain.checkpoint import WeightsMeta, load_into, save_state, save_weights
 from gtrain.data import DataBundle, balanced_class_weights, batch_mix, build_data
 from gtrain.data.loaders import build_loaders
 from gtrain.data.randomness import BATCH_STREAM, drawn_from
+from gtrain.distill import Teacher, load_teacher
 from gtrain.distributed import World
 from gtrain.ema import WeightEMA
 from gtrain.errors import UserError
@@ -208,6 +209,7 @@ class Trainer:
     pretrained: Any = None  # the report of model.pretrained's loading, or None
     progress: RunProgress = field(default_factory=RunProgress)
     frozen: bool = False  # only the classifier trains (train.freeze_epochs)
+    teacher: Teacher | None = None  # distill.teacher, whose outputs the student learns from too
 
     def __post_init__(self):
         # The first step (from 1) whose loss was not finite, kept on the device: checking
@@ -224,6 +226,7 @@ class Trainer:
         trainer = cls.for_model(
             recipe, num_classes=data.info.num_classes, in_chans=data.info.in_chans,
             steps_per_epoch=images // recipe.data.batch_size, world=world, device=device, pretrained=pretrained,
+            normalization=(data.info.mean, data.info.std),
         )  # fmt: skip
         trainer.loaders = build_loaders(
             data, global_batch=recipe.data.batch_size, seed=recipe.train.seed, workers=recipe.data.workers,
@@ -237,10 +240,11 @@ class Trainer:
     @classmethod
     def for_model(
         cls, recipe: Recipe, *, num_classes: int, in_chans: int, steps_per_epoch: int, world: World,
-        device: torch.device, pretrained: bool = False,
+        device: torch.device, pretrained: bool = False, normalization: tuple[tuple, tuple] | None = None,
     ) -> "Trainer":  # fmt: skip
         """The model (from published weights with `pretrained`), its DDP and compiled forms,
-        the optimizer, the schedule, the scaler and the EMA, without data loaders."""
+        the optimizer, the schedule, the scaler, the EMA and the teacher, without data loaders.
+        `normalization`: the data's (mean, std), for a teacher that was trained with others."""
         train = recipe.train
         if train.freeze_epochs and not recipe.model.pretrained:
             raise UserError(
@@ -262,6 +266,9 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         trained_model = distributed.wrap(model, train.sync_bn, device, world)
         optimizer = build_optimizer(model, recipe.optim)
+        mean, std = normalization if normalization is not None else (None, None)
+        teacher = load_teacher(recipe.distill, num_classes=num_classes, in_chans=in_chans, mean=mean, std=std,
+                               device=device, channels_last=settings.channels_last)  # fmt: skip
         return cls(
             model=model,
             # Compiled for speed, while checkpoints keep reading the plain module's state_dict.
@@ -270,7 +277,7 @@ class Trainer:
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=train.epochs, optim=recipe.optim),
             scaler=torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16"),
-            settings=settings, recipe=recipe, world=world, pretrained=loaded,
+            settings=settings, recipe=recipe, world=world, pretrained=loaded, teacher=teacher,
             # After the wrap: DDP has given every process the main process's initial weights.
             ema=WeightEMA(model, train.ema_decay, warmup=train.ema_warmup) if train.ema_decay else None,
         )  # fmt: skip
@@ -325,6 +332,10 @@ class Trainer:
                     logits = model(chunk_inputs)
                 chunk_loss = F.cross_entropy(logits.float(), chunk_targets, weight=settings.class_weights,
                                              label_smoothing=settings.label_smoothing)  # fmt: skip
+                if self.teacher is not None:
+                    with runtime.autocast(settings.device, settings.precision):
+                        teacher_logits = self.teacher.logits(chunk_inputs)
+                    chunk_loss = self.teacher.loss(logits.float(), teacher_logits, chunk_loss)
                 if share != 1.0:
                     # Each chunk's mean loss weighted by its share of the batch: the gradients
                     # sum to those of the whole batch's mean loss.

@@ -220,3 +220,30 @@ def test_a_killed_run_resumes_bit_exact_on_every_pipeline_with_any_workers(
         assert (run / weights).exists() == (reference / weights).exists()
         if (reference / weights).exists():  # the weight average, where the recipe keeps one
             assert_same_weights(load_file(run / weights), load_file(reference / weights))
+
+
+def test_a_run_with_a_teacher_killed_mid_epoch_resumes_bit_exact(tmp_path, fast, finished_run):
+    taught = [*fast, "--set", f"distill.teacher={finished_run}", "--set", "distill.temperature=2.0",
+              "--set", "train.checkpoint_steps=1"]  # fmt: skip
+    reference = invoke("fit", *taught, "--out", tmp_path / "reference", "-q")
+    assert reference.exit_code == 0, reference.output
+    killed = run_gtrain("fit", *taught, "--out", tmp_path / "run", fault="kill-at-step:6")  # in epoch 2 of 2
+    assert killed.returncode == -9, killed.stderr
+    resumed = invoke("fit", "--resume", tmp_path / "run")
+    assert resumed.exit_code == 0, resumed.output
+    final = load_file(tmp_path / "run" / "final.safetensors")
+    assert_same_weights(final, load_file(tmp_path / "reference" / "final.safetensors"))
+    assert not any(key.startswith("teacher") for key in torch.load(tmp_path / "run" / "checkpoints" / "last.pt",
+                                                                     weights_only=True))  # fmt: skip
+
+
+def test_a_teacher_for_other_classes_is_one_line(tmp_path, fast):
+    from gtrain.checkpoint import WeightsMeta, save_weights
+    from gtrain.models import create_model
+
+    meta = WeightsMeta(model="hornet_cifar_nano_7x7", num_classes=5, in_chans=1, image_size=8, resize_size=None,
+                       mean=(0.5,), std=(0.5,), class_names=tuple("abcde"), dataset="other", model_settings={},
+                       interpolation="bilinear")  # fmt: skip
+    save_weights(tmp_path / "teacher.safetensors", create_model("hornet_cifar_nano_7x7", num_classes=5, in_chans=1), meta)
+    result = invoke("fit", *fast, "--set", f"distill.teacher={tmp_path / 'teacher.safetensors'}", "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "5 classes" in result.output and len(result.output.strip().splitlines()) == 1
