@@ -19,7 +19,7 @@ from gtrain.data import DataBundle
 from gtrain.distributed import World
 from gtrain.errors import UserError, error_line, unreadable_file
 from gtrain.files import write_text_atomic
-from gtrain.hub import with_weights_preprocessing
+from gtrain.hub import licence_line, with_weights_preprocessing
 from gtrain.progress import Reporter, format_seconds
 from gtrain.recipe import Recipe, load_recipe
 from gtrain.run_folder import MetricsLog, RunFolder, RunStatus, require_tensorboard
@@ -271,6 +271,9 @@ def start_facts(trainer: Trainer, data: DataBundle, paths: RunFolder, resume: bo
         facts["pretrained"] = trainer.pretrained.describe()
     if trainer.ema is not None:
         facts["ema"] = f"decay {recipe.train.ema_decay} per step (best_ema / final_ema.safetensors)"
+    licence = licence_line(recipe.model.pretrained, recipe.model.name)
+    if licence:
+        facts["licence"] = licence
     if trainer.teacher is not None:
         distill = recipe.distill
         facts["teacher"] = f"{distill.teacher} (temperature {distill.temperature:g}, alpha {distill.alpha:g})"

@@ -5,6 +5,10 @@
     torchvision:IMAGENET1K_V2          a member of the model's torchvision weights enum: its URL,
                                        the hash prefix in its file name, its published top-1
                                        and its preprocessing
+    timm:a1h_in1k                      one of timm's pretrained tags for the model (timm's ResNet
+                                       keys are torchvision's), from the Hugging Face hub through
+                                       huggingface_hub's cache ($HF_HOME), with its licence
+                                       (the `timm` extra)
     https://.../file.pth#sha256=HEX    any URL with the file's full SHA-256 (the HorNet release's
                                        weights publish none, and have moved host several times)
 
@@ -14,6 +18,8 @@ downloader), so a failed or mismatched download leaves nothing behind.
 """
 
 import hashlib
+import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,7 +27,9 @@ from urllib.parse import urlsplit
 from gtrain.errors import UserError, error_line
 
 TORCHVISION = "torchvision:"
+TIMM = "timm:"
 URL_SCHEMES = ("https://", "http://")
+HUB_FILE = "model.safetensors"  # what timm publishes in each of its Hugging Face hub repositories
 
 
 @dataclass(frozen=True)
@@ -47,27 +55,64 @@ class PublishedWeights:
     top1: float | None = None  # published ImageNet-1k top-1, a fraction
     licence: str = "as published"
     preprocessing: Preprocessing | None = None
+    hub_repo: str | None = None  # a Hugging Face hub repository (timm's), instead of a URL
+
+    @property
+    def non_commercial(self) -> bool:
+        return "-nc" in self.licence.lower()
 
     @property
     def cached_file(self) -> Path:
+        """Where the file is, or will be, cached."""
+        if self.hub_repo is not None:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(self.hub_repo, HUB_FILE, cache_dir=os.environ.get("HF_HUB_CACHE"))
+            return Path(found) if isinstance(found, str) else Path(hub_cache_dir()) / self.hub_repo / HUB_FILE
         import torch
 
         return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(self.url).path).name
 
 
 def is_weights_name(text: str | None) -> bool:
-    return bool(text) and text.startswith((TORCHVISION, *URL_SCHEMES))
+    return bool(text) and text.startswith((TORCHVISION, TIMM, *URL_SCHEMES))
 
 
 def published_weights(model_name: str) -> list[PublishedWeights]:
-    """The named weights of `model_name`: torchvision's, for the models torchvision has."""
+    """The named weights of `model_name`: torchvision's, and timm's where timm is installed."""
     import torchvision
 
     try:
-        enum = torchvision.models.get_model_weights(model_name)
+        found = [_from_torchvision(weights) for weights in torchvision.models.get_model_weights(model_name)]
     except ValueError:  # a model torchvision does not have
+        found = []
+    return found + timm_weights(model_name)
+
+
+def timm_weights(model_name: str) -> list[PublishedWeights]:
+    try:
+        import timm
+    except ImportError:
         return []
-    return [_from_torchvision(weights) for weights in enum]
+    found = []
+    for full_name in timm.list_pretrained(f"{model_name}.*"):
+        config = timm.models.get_pretrained_cfg(full_name)
+        if not config.hf_hub_id or config.num_classes is None:
+            continue
+        crop = config.input_size[-1]
+        preprocessing = Preprocessing(crop_size=crop, resize_size=round(crop / config.crop_pct),
+                                      interpolation=config.interpolation, mean=tuple(config.mean), std=tuple(config.std))  # fmt: skip
+        found.append(PublishedWeights(
+            name=TIMM + full_name.partition(".")[2], url=f"the Hugging Face hub repository {config.hf_hub_id}",
+            licence=config.license or "as published", preprocessing=preprocessing, hub_repo=config.hf_hub_id,
+        ))  # fmt: skip
+    return found
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
 
 
 def _from_torchvision(weights) -> PublishedWeights:
@@ -80,7 +125,7 @@ def _from_torchvision(weights) -> PublishedWeights:
     top1 = weights.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
     return PublishedWeights(
         name=TORCHVISION + weights.name, url=weights.url, hash_prefix=hash_prefix,
-        top1=None if top1 is None else top1 / 100, licence="torchvision's terms",
+        top1=None if top1 is None else top1 / 100, licence="bsd-3-clause",
         preprocessing=preprocessing,
     )  # fmt: skip
 
@@ -96,21 +141,25 @@ def resolve(name: str, model_name: str) -> PublishedWeights:
                 "(`sha256sum FILE` prints it), so that a changed or corrupt download is refused"
             )
         return PublishedWeights(name=name, url=url, sha256=digest)
-    tag = name.removeprefix(TORCHVISION)
+    if name.startswith(TIMM):
+        if importlib.util.find_spec("timm") is None:
+            raise UserError(f"model.pretrained = {name!r} needs timm: pip install 'gtrain[timm]'")
     available = published_weights(model_name)
-    if tag == "DEFAULT" and available:
+    if name == TORCHVISION + "DEFAULT" and any(w.name.startswith(TORCHVISION) for w in available):
         import torchvision
 
-        tag = torchvision.models.get_model_weights(model_name).DEFAULT.name
+        name = TORCHVISION + torchvision.models.get_model_weights(model_name).DEFAULT.name
     for weights in available:
-        if weights.name == TORCHVISION + tag:
+        if weights.name == name:
             return weights
-    valid = ", ".join(weights.name for weights in available) or "none (torchvision has no such model)"
-    raise UserError(f"model.pretrained = {name!r}: {model_name} has no such weights; torchvision's for it: {valid}")
+    valid = ", ".join(weights.name for weights in available) or "none (neither torchvision nor timm has this model)"
+    raise UserError(f"model.pretrained = {name!r}: {model_name} has no such weights; its published ones: {valid}")
 
 
 def fetch(weights: PublishedWeights) -> Path:
     """The weights' file in the cache, downloaded first if it is not there."""
+    if weights.hub_repo is not None:
+        return _fetch_from_hub(weights)
     target = weights.cached_file
     if target.is_file():
         if weights.sha256 is not None and sha256_of(target) != weights.sha256:
@@ -136,6 +185,21 @@ def fetch(weights: PublishedWeights) -> Path:
     return target
 
 
+def _fetch_from_hub(weights: PublishedWeights) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    cached = weights.cached_file
+    if cached.is_file():
+        return cached
+    try:
+        return Path(hf_hub_download(weights.hub_repo, HUB_FILE, cache_dir=os.environ.get("HF_HUB_CACHE")))
+    except Exception as error:  # huggingface_hub's own errors for no network, a missing repository, a full disk
+        raise UserError(
+            f"cannot download {weights.name} from {weights.hub_repo} ({error_line(error, with_type=True)}): without a "
+            f"network, run `gtrain weights fetch {weights.name} --model MODEL` where there is one and copy {hub_cache_dir()}"
+        ) from None
+
+
 def local_file(pretrained: str, model_name: str) -> Path:
     """The file `model.pretrained` names: a weights name's cached file, fetched if needed, or the path itself."""
     if is_weights_name(pretrained):
@@ -156,7 +220,7 @@ def with_weights_preprocessing(recipe):
     (an ImageFolder's train size, evaluation resize and crop, interpolation), and a line
     saying what was taken; (recipe, None) when there is nothing to take."""
     pretrained = recipe.model.pretrained
-    if not pretrained or not pretrained.startswith(TORCHVISION) or recipe.data.dataset != "ImageFolder":
+    if not pretrained or not pretrained.startswith((TORCHVISION, TIMM)) or recipe.data.dataset != "ImageFolder":
         return recipe, None
     preprocessing = resolve(pretrained, recipe.model.name).preprocessing
     given = recipe.data.model_fields_set
@@ -179,3 +243,11 @@ def weights_table() -> list[dict]:
          "cached": weights.cached_file.is_file(), "file": str(weights.cached_file)}
         for model in list_models() for weights in published_weights(model)
     ]  # fmt: skip
+
+
+def licence_line(pretrained: str | None, model_name: str) -> str | None:
+    """A line for weights whose licence forbids commercial use (timm's fb_* weights are CC-BY-NC 4.0)."""
+    if not is_weights_name(pretrained) or pretrained.startswith(URL_SCHEMES):
+        return None
+    weights = resolve(pretrained, model_name)
+    return f"{weights.licence}: {weights.name} is for non-commercial use only" if weights.non_commercial else None

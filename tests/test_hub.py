@@ -85,3 +85,27 @@ def test_an_image_folder_recipe_takes_the_weights_preprocessing_where_it_leaves_
     mine, _ = load_recipe("quickstart", [*base, "data.image_size=176", "data.interpolation=bicubic"])
     data = with_weights_preprocessing(mine)[0].data
     assert (data.image_size, data.interpolation, data.eval_resize_size) == (176, "bicubic", 232)  # the recipe's own stay
+
+
+def test_a_timm_name_loads_from_the_hub_cache_and_says_its_licence(tmp_path, monkeypatch):
+    pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from gtrain.hub import licence_line
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    repo = tmp_path / "hf" / "models--timm--resnext50_32x4d.fb_swsl_ig1b_ft_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    published = create_model("resnext50_32x4d", num_classes=1000).state_dict()
+    save_file(published, repo / "snapshots" / "0123abcd" / "model.safetensors")
+    path = local_file("timm:fb_swsl_ig1b_ft_in1k", "resnext50_32x4d")  # no network: from the cache
+    assert path == repo / "snapshots" / "0123abcd" / "model.safetensors"
+    model = create_model("resnext50_32x4d", num_classes=4)
+    from gtrain.pretrained import load_pretrained
+
+    report = load_pretrained(model, path)
+    assert report.reinitialized == ("fc.weight", "fc.bias") and not report.unused  # timm's keys are torchvision's
+    assert "non-commercial" in licence_line("timm:fb_swsl_ig1b_ft_in1k", "resnext50_32x4d")
+    assert licence_line("timm:a1h_in1k", "resnext50_32x4d") is None  # Apache-2.0
