@@ -143,14 +143,18 @@ def test_unwritable_output_folder_is_one_line(tmp_path, fast):
 
 # Each pipeline (gtrain.data.Pipeline) as a user's recipe reaches it: (recipe arguments, steps per epoch).
 PIPELINES = {
-    "in-memory-digits": ["--set", "data.dataset=digits", "--set", "data.batch_size=256", "--set", "train.epochs=2"],
+    # With the fine-tuning features: killed after the frozen epoch, in the one that trains every layer.
+    "in-memory-digits": ["--set", "data.dataset=digits", "--set", "data.batch_size=256", "--set", "train.epochs=2",
+                         "--set", "train.freeze_epochs=1", "--set", "optim.layer_decay=0.8", "--set", "optim.head_lr_scale=2",
+                         "--set", "data.class_weights=balanced", "--set", "data.sampler=balanced",
+                         "--set", "distill.temperature=2.0"],
     "uint8-jpeg-trivialaugment-erasing": ["--set", "data.auto_augment=trivialaugment", "--set", "data.random_erasing=0.5",
                                           "--set", "data.random_erasing_fill=noise"],
     # With every other feature that has randomness or state of its own, at once.
     "float-pil-timm-randaugment": ["--set", "data.auto_augment=rand-m9-mstd0.5-inc1", "--set", "data.random_erasing=0.5",
                                    "--set", "data.random_erasing_fill=noise", "--set", "data.mixup_alpha=0.2",
                                    "--set", "data.cutmix_alpha=1.0", "--set", "train.ema_decay=0.9",
-                                   "--set", "train.accumulate_steps=2"],
+                                   "--set", "train.accumulate_steps=2", "--set", "train.freeze_epochs=2"],  # killed frozen
     "device-decode": ["--set", "data.decode=device", "--set", "data.auto_augment=trivialaugment",
                       "--set", "data.random_erasing=0.5"],
 }  # fmt: skip
@@ -166,10 +170,30 @@ def jpeg_folder(tmp_path_factory):
                               images_per_class={"train": 8, "val": 4})  # fmt: skip
 
 
-def pipeline_recipe(name, jpeg_folder):
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """Weights to fine-tune from and teachers, for the digits (10 classes, grey) and the JPEGs (3, RGB)."""
+    from gtrain.checkpoint import WeightsMeta, save_weights
+    from gtrain.models import create_model
+
+    folder = tmp_path_factory.mktemp("published")
+    for data, classes, channels in (("digits", 10, 1), ("jpegs", 3, 3)):
+        model = create_model("resnext29_2x16d", num_classes=classes, in_chans=channels, stage_depths=(1, 1, 1))
+        meta = WeightsMeta(model="resnext29_2x16d", num_classes=classes, in_chans=channels, image_size=16,
+                           resize_size=None, mean=(0.5,) * channels, std=(0.25,) * channels,
+                           class_names=tuple(map(str, range(classes))), dataset=data,
+                           model_settings={"stage_depths": [1, 1, 1]}, interpolation="bilinear")  # fmt: skip
+        save_weights(folder / f"{data}.safetensors", model, meta)
+    return folder
+
+
+def pipeline_recipe(name, jpeg_folder, published):
     common = ["quickstart", "--set", "model.stage_depths=[1, 1, 1]", "--set", "train.precision=fp32",
               "--set", "train.deterministic=true", "--set", "train.device=cpu", "--set", "train.epochs=3",
               "--set", "train.checkpoint_steps=2"]  # fmt: skip
+    weights = published / ("digits.safetensors" if name == "in-memory-digits" else "jpegs.safetensors")
+    if "train.freeze_epochs" in " ".join(PIPELINES[name]):
+        common += ["--set", f"model.pretrained={weights}", "--set", f"distill.teacher={weights}"]
     if name != "in-memory-digits":
         common += ["--set", "data.dataset=ImageFolder", "--set", f"data.root={jpeg_folder}",
                    "--set", "data.image_size=16", "--set", "data.batch_size=8"]  # fmt: skip
@@ -177,14 +201,14 @@ def pipeline_recipe(name, jpeg_folder):
 
 
 @pytest.fixture(scope="module")
-def left_alone(tmp_path_factory, jpeg_folder):
+def left_alone(tmp_path_factory, jpeg_folder, published):
     """Each pipeline's uninterrupted run, with data.workers = 0: its run folder."""
     folders = {}
 
     def reference(name):
         if name not in folders:
             out = tmp_path_factory.mktemp(name) / "run"
-            result = invoke("fit", *pipeline_recipe(name, jpeg_folder), "--set", "data.workers=0", "--out", out)
+            result = invoke("fit", *pipeline_recipe(name, jpeg_folder, published), "--set", "data.workers=0", "--out", out)
             assert result.exit_code == 0, result.output
             folders[name] = out
         return folders[name]
@@ -200,14 +224,17 @@ def left_alone(tmp_path_factory, jpeg_folder):
      ("device-decode", 0, 2), ("device-decode", 2, 0)],  # and workers that change on resume
 )  # fmt: skip
 def test_a_killed_run_resumes_bit_exact_on_every_pipeline_with_any_workers(
-    tmp_path, jpeg_folder, left_alone, pipeline, workers, resumed_workers
+    tmp_path, jpeg_folder, published, left_alone, pipeline, workers, resumed_workers
 ):
     """SIGKILL in the middle of an epoch, after a mid-epoch checkpoint; `gtrain fit --resume`
     ends with the weights of the run left alone, tensor for tensor, whatever the number of
-    workers before and after: every draw of the augmentation belongs to its image."""
+    workers before and after: every draw of the augmentation belongs to its image. The digits
+    and the PIL pipeline also carry the fine-tuning features (published weights, frozen
+    epochs, layer decay, a teacher, balanced classes), killed after and within the frozen ones."""
     kill_at = KILL_AT.get(pipeline, KILL_AT["default"])
     run = tmp_path / "run"
-    killed = run_gtrain("fit", *pipeline_recipe(pipeline, jpeg_folder), "--set", f"data.workers={workers}", "--out", run,
+    killed = run_gtrain("fit", *pipeline_recipe(pipeline, jpeg_folder, published), "--set", f"data.workers={workers}",
+                        "--out", run,
                     fault=f"kill-at-step:{kill_at}")  # fmt: skip
     assert killed.returncode == -9, killed.stderr
     if pipeline != "in-memory-digits":
@@ -220,21 +247,6 @@ def test_a_killed_run_resumes_bit_exact_on_every_pipeline_with_any_workers(
         assert (run / weights).exists() == (reference / weights).exists()
         if (reference / weights).exists():  # the weight average, where the recipe keeps one
             assert_same_weights(load_file(run / weights), load_file(reference / weights))
-
-
-def test_a_run_with_a_teacher_killed_mid_epoch_resumes_bit_exact(tmp_path, fast, finished_run):
-    taught = [*fast, "--set", f"distill.teacher={finished_run}", "--set", "distill.temperature=2.0",
-              "--set", "train.checkpoint_steps=1"]  # fmt: skip
-    reference = invoke("fit", *taught, "--out", tmp_path / "reference", "-q")
-    assert reference.exit_code == 0, reference.output
-    killed = run_gtrain("fit", *taught, "--out", tmp_path / "run", fault="kill-at-step:6")  # in epoch 2 of 2
-    assert killed.returncode == -9, killed.stderr
-    resumed = invoke("fit", "--resume", tmp_path / "run")
-    assert resumed.exit_code == 0, resumed.output
-    final = load_file(tmp_path / "run" / "final.safetensors")
-    assert_same_weights(final, load_file(tmp_path / "reference" / "final.safetensors"))
-    assert not any(key.startswith("teacher") for key in torch.load(tmp_path / "run" / "checkpoints" / "last.pt",
-                                                                     weights_only=True))  # fmt: skip
 
 
 def test_a_teacher_for_other_classes_is_one_line(tmp_path, fast):
