@@ -82,7 +82,8 @@ def test_processes_that_start_a_study_at_the_same_instant_all_join_it(tmp_path, 
 @pytest.mark.slow
 def test_two_processes_with_trials_4_finish_exactly_4_trials(tmp_path, space):
     out = tmp_path / "study"
-    command = gtrain_command("tune", *QUICK, "--set", "train.epochs=1", "--space", space, "--out", out, "--trials", 4, "--json")
+    command = gtrain_command("tune", *QUICK, "--set", "train.epochs=1", "--set", "data.batch_size=256", "--space", space,
+                             "--out", out, "--trials", 4, "--json")  # fmt: skip
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = []
     for process in processes:
@@ -109,9 +110,9 @@ def test_a_trial_whose_process_was_killed_is_continued_from_its_checkpoint(tmp_p
     space = tmp_path / "space.toml"
     space.write_text('"optim.lr" = [0.05]\n')
     out = tmp_path / "study"
-    args = ["tune", *QUICK, "--set", "train.checkpoint_steps=5", "--space", space, "--out", out, "--trials", 1,
-            "--pruner", "none"]  # fmt: skip
-    killed = run_gtrain(*args, fault="kill-at-step:30")  # in epoch 2 of 2 (22 steps each), 5 steps after a checkpoint
+    fast = ["--set", "train.checkpoint_steps=2", "--set", "data.batch_size=256"]  # 5 steps per epoch
+    args = ["tune", *QUICK, *fast, "--space", space, "--out", out, "--trials", 1, "--pruner", "none"]
+    killed = run_gtrain(*args, fault="kill-at-step:7")  # in epoch 2 of 2, a step after a checkpoint
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert [t.state for t in study_trials(out)] == [optuna.trial.TrialState.RUNNING]
     first_epoch = (out / "trials" / "0000" / "metrics.jsonl").read_text().splitlines()[0]  # with its timings
@@ -134,8 +135,7 @@ def test_a_trial_whose_process_was_killed_is_continued_from_its_checkpoint(tmp_p
     assert (Path(continued["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0] == first_epoch
     assert optuna.trial.TrialState.RUNNING not in [t.state for t in study_trials(out)]
 
-    reference = invoke("fit", *QUICK, "--set", "train.checkpoint_steps=5", "--set", "optim.lr=0.05",
-                       "--out", tmp_path / "reference", "-q")  # fmt: skip
+    reference = invoke("fit", *QUICK, *fast, "--set", "optim.lr=0.05", "--out", tmp_path / "reference", "-q")
     assert reference.exit_code == 0, reference.output
     assert json.loads((tmp_path / "reference" / "run.json").read_text())["best_top1"] == continued["value"]
 

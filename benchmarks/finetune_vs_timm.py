@@ -1,0 +1,77 @@
+"""Fine-tuning the same weights file with gtrain and with timm's train.py: top-1 and time.
+
+The data is benchmarks/finetune.py's (digits 0-5 to make the "published" model, digits 6-9
+with 20, 20, 20 and 5 training images as the user's task). The published model is a gtrain
+ResNeXt-50 (32x4d) trained on 0-5 at 32 px; its weights file is fine-tuned on 6-9 for the
+same epochs, batch and image size by
+
+    gtrain    `gtrain fit` with the fine-tuning settings the README describes (a frozen first
+              epochs, layer decay), gtrain's defaults otherwise
+    timm      timm's train.py with its own defaults (`--pretrained --pretrained-path FILE
+              --num-classes 4`, on the CPU, no workers)
+
+each validating every epoch on the same val split. Reported: the best validation top-1
+(gtrain's run.json, timm's summary.csv) and the wall time of the whole command.
+
+    python benchmarks/finetune_vs_timm.py --timm-train path/to/timm/train.py --seeds 0 1
+"""
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from finetune import write_folders  # noqa: E402  the same data as benchmarks/finetune.py
+
+SIZE, BATCH = 32, 16
+
+
+def timed(command: list) -> float:
+    start = time.perf_counter()
+    subprocess.run([str(part) for part in command], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--timm-train", type=Path, required=True, help="timm's train.py")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=20)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="gtrain-vs-timm-"))
+    source, target = write_folders(root)
+    common = ["--set", "model.name=resnext50_32x4d", "--set", "data.dataset=ImageFolder", "--set", f"data.image_size={SIZE}",
+              "--set", "data.workers=0", "--set", "train.precision=fp32", "--set", "data.val_split=val"]  # fmt: skip
+    published = root / "published"
+    subprocess.run([sys.executable, "-m", "gtrain", "fit", "quickstart", *common, "--set", f"data.root={source}",
+                    "--set", "data.augment=false", "--set", "train.epochs=15", "--set", "data.batch_size=64",
+                    "--out", published, "-q"], check=True)  # fmt: skip
+    weights = published / "final.safetensors"
+    print(f"published: {json.loads((published / 'run.json').read_text())['best_top1']:.2%} on digits 0-5", flush=True)
+    for seed in args.seeds:
+        out = root / f"gtrain-{seed}"
+        seconds = timed([sys.executable, "-m", "gtrain", "fit", "quickstart", *common, "--set", f"data.root={target}",
+                         "--set", f"model.pretrained={weights}", "--set", f"train.epochs={args.epochs}",
+                         "--set", f"data.batch_size={BATCH}", "--set", "train.freeze_epochs=3",
+                         "--set", "optim.layer_decay=0.7", "--set", "optim.lr=0.05", "--set", "optim.warmup_epochs=1",
+                         "--set", f"train.seed={seed}", "--out", out, "-q"])  # fmt: skip
+        top1 = json.loads((out / "run.json").read_text())["best_top1"]
+        print(f"seed {seed} gtrain  best val top-1 {top1:.2%}  {seconds:.0f} s", flush=True)
+        out = root / f"timm-{seed}"
+        seconds = timed([sys.executable, args.timm_train, "--data-dir", target, "--train-split", "train",
+                         "--val-split", "val", "--model", "resnext50_32x4d", "--pretrained", "--pretrained-path", weights,
+                         "--num-classes", 4, "--img-size", SIZE, "--epochs", args.epochs, "-b", BATCH,
+                         "--device", "cpu", "--workers", 0, "--seed", seed, "--output", out,
+                         "--experiment", "run"])  # fmt: skip
+        with open(out / "run" / "summary.csv") as file:
+            top1 = max(float(row["eval_top1"]) for row in csv.DictReader(file)) / 100
+        print(f"seed {seed} timm    best val top-1 {top1:.2%}  {seconds:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
