@@ -43,6 +43,7 @@ def test_fit_then_eval_on_mnist_format_data(tmp_path, mnist_root):
     assert report["precision"] == "fp32" and report["images"] == 100 and len(report["per_class"]) == 10
     best = next(r for r in rows if r["val_top1"] == max(r["val_top1"] for r in rows))
     assert (report["top1"], report["top5"]) == (best["val_top1"], best["val_top5"])
+    assert report["balanced_top1"] == best["val_balanced_top1"]  # the mean of the per-class recalls, in both
     assert report["loss"] == pytest.approx(best["val_loss"], rel=1e-6)
 
     # The final weights of the same folder: the last epoch's figures, with the run's own data root.

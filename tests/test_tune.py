@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import gtrain_command, invoke, run_gtrain
+from tests.conftest import clean_environment, gtrain_command, invoke, run_gtrain
 
 optuna = pytest.importorskip("optuna")
 
@@ -63,7 +63,8 @@ for round in range(5):
 
 def test_processes_that_start_a_study_at_the_same_instant_all_join_it(tmp_path, space):
     command = [sys.executable, "-c", JOIN_AT_THE_SAME_INSTANT, str(tmp_path)]
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=clean_environment(threads=1)) for _ in range(3)]
     deadline = time.time() + 60
     while len(list(tmp_path.glob("ready-*"))) < 3 and time.time() < deadline:
         time.sleep(0.01)
@@ -84,7 +85,8 @@ def test_two_processes_with_trials_4_finish_exactly_4_trials(tmp_path, space):
     out = tmp_path / "study"
     command = gtrain_command("tune", *QUICK, "--set", "train.epochs=1", "--set", "data.batch_size=256", "--space", space,
                              "--out", out, "--trials", 4, "--json")  # fmt: skip
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=clean_environment(threads=1)) for _ in range(2)]  # one core each
     results = []
     for process in processes:
         stdout, stderr = process.communicate(timeout=300)

@@ -67,10 +67,14 @@ class EpochSampler(Sampler[SampleKey]):
         batches = batches.view(self.steps, self.world_size, -1)  # (step, process, image)
         return batches[self.start_step :, self.rank].flatten()
 
+    def draws(self) -> torch.Tensor:
+        """Beside `indices()`: which draw of its image in the epoch each is (0: every image is drawn once)."""
+        return torch.zeros(len(self), dtype=torch.int64)
+
     def keys(self) -> list[SampleKey]:
-        """`indices()` with the epoch: what the dataset is indexed with, so that each image's
-        augmentation is drawn from its own stream (`SeededBySample`)."""
-        return [SampleKey(self.epoch, index) for index in self.indices().tolist()]
+        """`indices()` with the epoch and the draw: what the dataset is indexed with, so that
+        each image's augmentation is drawn from its own stream (`SeededBySample`)."""
+        return [SampleKey(self.epoch, index, draw) for index, draw in zip(self.indices().tolist(), self.draws().tolist())]
 
     def __iter__(self):
         return iter(self.keys())
@@ -106,6 +110,16 @@ class BalancedSampler(EpochSampler):
             drawn.append(torch.cat(orders)[:per_class])
         chosen = torch.cat(drawn)
         return chosen[torch.randperm(len(chosen), generator=generator)]
+
+    def draws(self) -> torch.Tensor:
+        # Counted over the whole epoch's order, so that every process and a resume agree.
+        seen: dict[int, int] = {}
+        counts = []
+        for index in self.order(self.epoch)[: self.steps * self.global_batch].tolist():
+            counts.append(seen.get(index, 0))
+            seen[index] = counts[-1] + 1
+        counts = torch.tensor(counts).view(self.steps, self.world_size, -1)  # (step, process, image)
+        return counts[self.start_step :, self.rank].flatten()
 
 
 def epoch_sampler(data: DataBundle, seed: int, *, global_batch: int, balanced: bool, **shard) -> EpochSampler:
@@ -212,7 +226,7 @@ class DeviceBatches:
 
     def _augment(self, image: torch.Tensor, key: SampleKey) -> torch.Tensor:
         """The workers' transform, on the device: the same draws from the image's stream."""
-        with drawn_from(self.seed, key.epoch, key.index, SAMPLE_STREAM):
+        with drawn_from(*key.stream(self.seed, SAMPLE_STREAM)):
             return self.finish.decode_then(image)
 
 
@@ -249,7 +263,7 @@ def erase_rectangles(images: torch.Tensor, p: float, *, noise: bool, keys: list[
     which then holds 0 (the mean colour) or, with `noise`, normal noise drawn on the device
     from a stream of its own."""
     for image, key in zip(images, keys, strict=True):
-        stream = (seed, key.epoch, key.index, ERASING_STREAM)
+        stream = key.stream(seed, ERASING_STREAM)
         with drawn_from(*stream):
             if torch.rand(1).item() >= p:
                 continue
@@ -324,23 +338,32 @@ class InMemoryLoader:
                 yield normalize_uint8(images, self.scale, self.shift), self.labels[batch.start : batch.stop]
             return
         order = self.sampler.indices().to(self.images.device)
+        draws = self.sampler.draws()
+        if self.augmentation is not None:
+            table = self._draws_of(self.sampler.epoch, int(draws.max()) if len(draws) else 0)
+            draws = draws.to(self.images.device)
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             images = self.images[index]
             if self.augmentation is not None:
-                images = self._augment(images, self._draws_of(self.sampler.epoch)[index])
+                images = self._augment(images, table[draws[i * self.batch_size : (i + 1) * self.batch_size], index])
             yield normalize_uint8(images, self.scale, self.shift), self.labels[index]
 
-    def _draws_of(self, epoch: int) -> torch.Tensor:
-        """(N, 3) int64 on the device: every training image's crop offsets (dy, dx) and flip
-        (0 or 1) in `epoch`, drawn at once from (seed, epoch): a pure function of (seed,
-        epoch, image), whatever the step or the process that trains on it."""
-        if self._draws_epoch != epoch:
-            generator = torch.Generator().manual_seed(seed_of(self.seed, epoch, SAMPLE_STREAM))
-            n, pad = len(self.labels), self.augmentation.pad
-            offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
-            flips = torch.randint(0, 2, (n, 1), generator=generator)
-            self._draws, self._draws_epoch = torch.cat([offsets, flips], dim=1).to(self.images.device), epoch
+    def _draws_of(self, epoch: int, last_draw: int = 0) -> torch.Tensor:
+        """(draws, N, 3) int64 on the device: every training image's crop offsets (dy, dx) and
+        flip (0 or 1) in `epoch`, for its first `last_draw` + 1 draws, each drawn at once from
+        (seed, epoch, draw): a pure function of (seed, epoch, image, draw), whatever the step or
+        the process that trains on it."""
+        if self._draws_epoch != epoch or len(self._draws) <= last_draw:
+            tables = []
+            for draw in range(last_draw + 1):
+                key = (self.seed, epoch, SAMPLE_STREAM) + ((draw,) if draw else ())
+                generator = torch.Generator().manual_seed(seed_of(*key))
+                n, pad = len(self.labels), self.augmentation.pad
+                offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
+                flips = torch.randint(0, 2, (n, 1), generator=generator)
+                tables.append(torch.cat([offsets, flips], dim=1))
+            self._draws, self._draws_epoch = torch.stack(tables).to(self.images.device), epoch
         return self._draws
 
     def _augment(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:

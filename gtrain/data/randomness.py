@@ -30,10 +30,17 @@ BATCH_STREAM = 2  # MixUp / CutMix of a whole batch
 
 
 class SampleKey(NamedTuple):
-    """What the training sampler hands the dataset: the image and the epoch it is drawn in."""
+    """What the training sampler hands the dataset: the image, the epoch it is drawn in, and
+    which of its draws in that epoch this is (a balanced sampler draws a small class's images
+    again: each draw gets its own augmentation)."""
 
     epoch: int
     index: int
+    draw: int = 0
+
+    def stream(self, seed: int, stream: int) -> tuple[int, ...]:
+        """The key of this draw's `stream`; a first draw's is (seed, epoch, index, stream)."""
+        return (seed, self.epoch, self.index, stream) + ((self.draw,) if self.draw else ())
 
 
 _MASK64 = (1 << 64) - 1
@@ -87,5 +94,5 @@ class SeededBySample(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: SampleKey):
-        with drawn_from(self.seed, key.epoch, key.index, SAMPLE_STREAM):
+        with drawn_from(*key.stream(self.seed, SAMPLE_STREAM)):
             return self.dataset[key.index]
