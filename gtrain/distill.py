@@ -51,7 +51,10 @@ def load_teacher(
     `mean` / `std`: the student's normalisation (None: the same as the teacher's)."""
     if distill.teacher is None:
         return None
-    path = weights_file(Path(distill.teacher))
+    try:
+        path = weights_file(Path(distill.teacher))
+    except UserError as error:
+        raise UserError(f"distill.teacher: {error}") from None
     model, meta = load_model(path)
     if meta.num_classes != num_classes or meta.in_chans != in_chans:
         raise UserError(

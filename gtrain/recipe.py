@@ -258,6 +258,15 @@ class Recipe(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _frozen_epochs_need_published_weights(self) -> "Recipe":
+        if self.train.freeze_epochs and not self.model.pretrained:
+            raise ValueError(
+                f"train.freeze_epochs = {self.train.freeze_epochs} trains only the classifier on top of published "
+                "weights, but model.pretrained is unset: set it, or set train.freeze_epochs = 0"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _one_kind_of_batch_statistics(self) -> "Recipe":
         if self.train.sync_bn and self.train.bn_group_size is not None:
             raise ValueError(

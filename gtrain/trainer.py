@@ -246,11 +246,6 @@ class Trainer:
         the optimizer, the schedule, the scaler, the EMA and the teacher, without data loaders.
         `normalization`: the data's (mean, std), for a teacher that was trained with others."""
         train = recipe.train
-        if train.freeze_epochs and not recipe.model.pretrained:
-            raise UserError(
-                f"train.freeze_epochs = {train.freeze_epochs} trains only the classifier on top of published weights, "
-                "but model.pretrained is unset: set it, or set train.freeze_epochs = 0"
-            )
         settings = TrainerSettings.from_recipe(recipe, device=device, num_classes=num_classes, steps_per_epoch=steps_per_epoch)
         model = create_model(recipe.model.name, num_classes=num_classes, in_chans=in_chans, **recipe.model_overrides())
         loaded = None

@@ -155,7 +155,8 @@ PIPELINES = {
     "float-pil-timm-randaugment": ["--set", "data.auto_augment=rand-m9-mstd0.5-inc1", "--set", "data.random_erasing=0.5",
                                    "--set", "data.random_erasing_fill=noise", "--set", "data.mixup_alpha=0.2",
                                    "--set", "data.cutmix_alpha=1.0", "--set", "train.ema_decay=0.9",
-                                   "--set", "train.accumulate_steps=2", "--set", "train.freeze_epochs=2"],  # killed frozen
+                                   "--set", "train.accumulate_steps=2", "--set", "train.freeze_epochs=2",  # killed frozen
+                                   "--set", "data.sampler=balanced"],
     "device-decode": ["--set", "data.decode=device", "--set", "data.auto_augment=trivialaugment",
                       "--set", "data.random_erasing=0.5"],
 }  # fmt: skip
