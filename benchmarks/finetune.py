@@ -13,7 +13,14 @@ Then, for each seed, on the same split:
 
 and prints top-1 and balanced top-1 on the test split (`gtrain eval`), one row per run.
 
-    python benchmarks/finetune.py --seeds 0 1        # about 5 min on 2 CPU cores
+With --search N, each run's settings are first chosen by `gtrain tune` (N trials, on the
+val split, seed 0 of the sampler): the lr for every run, and also freeze_epochs,
+layer_decay and head_lr_scale for freeze+decay, temperature and alpha for distilled. The
+teacher is then the best model the searches found, the same for every seed; the test split
+is read only after the choice.
+
+    python benchmarks/finetune.py --seeds 0 1                # about 5 min on 2 CPU cores
+    python benchmarks/finetune.py --seeds 0 1 --search 12    # about 40 min
 """
 
 import argparse
@@ -64,6 +71,33 @@ def gtrain(*args) -> None:
     subprocess.run([sys.executable, "-m", "gtrain", *map(str, args)], check=True, stdout=subprocess.DEVNULL)
 
 
+# What --search lets `gtrain tune` choose, per run (a tune --space file each).
+SPACES = {
+    "scratch": '"optim.lr" = {low = 0.01, high = 0.4, log = true}\n',
+    "all-layers": '"optim.lr" = {low = 0.005, high = 0.2, log = true}\n',
+    "freeze+decay": '"optim.lr" = {low = 0.005, high = 0.2, log = true}\n"train.freeze_epochs" = [2, 5, 10]\n'
+                    '"optim.layer_decay" = {low = 0.6, high = 0.95}\n"optim.head_lr_scale" = [1.0, 3.0, 10.0]\n',
+    "distilled": '"optim.lr" = {low = 0.01, high = 0.4, log = true}\n"distill.temperature" = [1.0, 2.0, 4.0, 8.0]\n'
+                 '"distill.alpha" = {low = 0.3, high = 0.95}\n',
+}  # fmt: skip
+
+
+def search(root: Path, name: str, settings: list, trials: int) -> tuple[Path, dict]:
+    """`gtrain tune` over SPACES[name] on the val split: (best.toml, the JSON summary)."""
+    space = root / f"space-{name}.toml"
+    space.write_text(SPACES[name])
+    done = subprocess.run([sys.executable, "-m", "gtrain", "tune", "quickstart", *map(str, settings), "--space", space,
+                           "--out", root / f"search-{name}", "--trials", str(trials), "--seed", "0", "--json"],
+                          check=True, capture_output=True, text=True)  # fmt: skip
+    summary = json.loads(done.stdout)
+    print(f"search {name:<14} val top-1 {summary['best_value']:.2%}  {summary['best_params']}", flush=True)
+    return Path(summary["best_recipe"]), summary
+
+
+def best_trial_run(root: Path, name: str, summary: dict) -> Path:
+    return root / f"search-{name}" / "trials" / f"{summary['best_trial']:04d}"
+
+
 def test_scores(run: Path, target: Path) -> tuple[float, float]:
     done = subprocess.run([sys.executable, "-m", "gtrain", "eval", run, "--split", "test", "--set", f"data.root={target}",
                            "--json"], check=True, capture_output=True, text=True)  # fmt: skip
@@ -75,6 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--search", type=int, default=0, metavar="TRIALS",
+                        help="choose each run's settings with gtrain tune on the val split first")  # fmt: skip
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gtrain-finetune-"))
     source, target = write_folders(root)
@@ -87,6 +123,9 @@ def main() -> None:
     student = ["--set", "model.stage_depths=[1, 1, 1]"]
     tuned = ["--set", f"model.pretrained={weights}"]
     staged = [*tuned, "--set", "train.freeze_epochs=5", "--set", "optim.layer_decay=0.7", "--set", "optim.head_lr_scale=2"]
+    if args.search:
+        searched(root, target, task, student, tuned, args)
+        return
     results: dict[str, list[tuple[float, float]]] = {}
     for seed in args.seeds:
         runs = {
@@ -106,6 +145,31 @@ def main() -> None:
         results.setdefault("distilled", []).append(test_scores(out, target))
         print(f"seed {seed} {'distilled':<14} top-1 {results['distilled'][-1][0]:.2%}  balanced {results['distilled'][-1][1]:.2%}",
               flush=True)  # fmt: skip
+    print_means(results)
+
+
+def searched(root: Path, target: Path, task: list, student: list, tuned: list, args) -> None:
+    """Each run's settings chosen on the val split, then every seed tested with them."""
+    recipes, summaries = {}, {}
+    for name, settings in (("scratch", student), ("all-layers", tuned), ("freeze+decay", tuned)):
+        recipes[name], summaries[name] = search(root, name, [*task, *settings], args.search)
+    teacher_of = max(("all-layers", "freeze+decay"), key=lambda name: summaries[name]["best_value"])
+    teacher = best_trial_run(root, teacher_of, summaries[teacher_of])
+    print(f"teacher: the best {teacher_of} trial, {teacher}", flush=True)
+    recipes["distilled"], _ = search(root, "distilled", [*task, *student, "--set", f"distill.teacher={teacher}"], args.search)
+    recipes["+balanced"] = recipes["freeze+decay"]
+    results: dict[str, list[tuple[float, float]]] = {}
+    for seed in args.seeds:
+        for name, recipe in recipes.items():
+            out = root / f"{name}-{seed}"
+            extra = ["--set", "data.class_weights=balanced"] if name == "+balanced" else []
+            gtrain("fit", recipe, *extra, "--set", f"train.seed={seed}", "--out", out, "-q")
+            results.setdefault(name, []).append(test_scores(out, target))
+            print(f"seed {seed} {name:<14} top-1 {results[name][-1][0]:.2%}  balanced {results[name][-1][1]:.2%}", flush=True)
+    print_means(results)
+
+
+def print_means(results: dict[str, list[tuple[float, float]]]) -> None:
     print(f"\n{'run':<14}{'mean top-1':>12}{'mean balanced':>15}")
     for name, scores in results.items():
         print(f"{name:<14}{statistics.mean(s[0] for s in scores):>12.2%}{statistics.mean(s[1] for s in scores):>15.2%}")

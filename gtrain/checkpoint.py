@@ -69,6 +69,7 @@ class WeightsMeta:
     model_settings: dict[str, Any]
     interpolation: str = "bilinear"  # of the evaluation resize; files from before it was saved used bilinear
     resize_size: int | None = None  # cropped data: the short side before the centre crop; None: image_size / 0.875
+    full_decode: bool = False  # data.decode = "cpu-full": image files decoded whole, never at a smaller scale
 
     def to_strings(self) -> dict[str, str]:
         return {
@@ -83,6 +84,7 @@ class WeightsMeta:
             "model_settings": json.dumps(self.model_settings),
             "interpolation": self.interpolation,
             **({"resize_size": str(self.resize_size)} if self.resize_size is not None else {}),
+            **({"decode": "full"} if self.full_decode else {}),
             "gtrain_version": __version__,
         }
 
@@ -111,6 +113,7 @@ class WeightsMeta:
             class_names=tuple(class_names), dataset=field.text("dataset"), model_settings=field.model_settings(model),
             interpolation=field.choice("interpolation", ("bilinear", "bicubic"), default="bilinear"),
             resize_size=field.integer("resize_size", 1, MAX_IMAGE_SIZE) if "resize_size" in meta else None,
+            full_decode=field.choice("decode", ("scaled", "full"), default="scaled") == "full",
         )  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms.functional import to_pil_image
@@ -68,11 +68,11 @@ def _evaluation(meta: WeightsMeta) -> tuple[Any, bool]:
             "(1 channel) or RGB (3): classify preprocessed tensors with gtrain.Classifier instead"
         )
     spec = DATASETS.get(meta.dataset, IMAGE_FOLDER_SPEC)
-    transform, _ = evaluation_pipeline(spec, meta.image_size, meta.interpolation, meta.resize_size)
+    transform, _ = evaluation_pipeline(spec, meta.image_size, meta.interpolation, meta.resize_size, meta.full_decode)
     if spec.style != "cifar" and meta.in_chans == 3:
         return transform, True
     # Small images, or a grayscale model on photos: PIL converts to the model's mode first.
-    return transforms.Compose([ConvertMode("L" if meta.in_chans == 1 else "RGB"), *transform.transforms]), False
+    return transforms.Compose([ConvertMode("L" if meta.in_chans == 1 else "RGB"), transform]), False
 
 
 class ImageReader:
@@ -83,9 +83,9 @@ class ImageReader:
         self.transform, self.photo = transform, photo
 
     def __call__(self, path: Path) -> torch.Tensor:
-        from gtrain.data.datasets import read_image_file
+        from gtrain.data.images import read_encoded
 
-        return self.transform(read_image_file(str(path)) if self.photo else read_image(path))
+        return self.transform(read_encoded(str(path)) if self.photo else read_image(path))
 
 
 class Classifier:
@@ -137,6 +137,7 @@ class Classifier:
         if isinstance(image, str | Path):
             image = self.read_file(Path(image))
         elif isinstance(image, Image.Image) and self.photo:
+            image = ImageOps.exif_transpose(image)  # upright, as files are read
             image = self.transform(image if image.mode == "RGB" else image.convert("RGB"))
         elif isinstance(image, torch.Tensor | Image.Image):
             image = self.transform(image)  # the PIL path converts to the model's mode itself
@@ -192,7 +193,7 @@ class Classifier:
 def read_image(path: Path) -> Image.Image:
     with Image.open(path) as image:
         image.load()  # decode now, inside the caller's error handling, not lazily later
-        return image
+        return ImageOps.exif_transpose(image)
 
 
 # ---------------------------------------------------------------------------------------

@@ -86,10 +86,12 @@ class DataSection(Section):
     random_erasing_fill: Literal["mean", "noise"] = Field(
         "mean", description="what an erased rectangle holds: the dataset's mean colour, or normal noise per pixel (timm's 'pixel')"
     )
-    decode: Literal["cpu", "device"] = Field(
+    decode: Literal["cpu", "cpu-full", "device"] = Field(
         "cpu",
-        description="where ImageFolder training images are decoded: cpu (the DataLoader's workers) or device "
-        "(JPEGs in batches with nvJPEG on CUDA, for hosts with few CPU cores per GPU; validation stays on the CPU)",
+        description="how ImageFolder images are decoded: cpu (the DataLoader's workers, a JPEG only at the scale its "
+        "crop needs: 1/8, 1/4, 1/2 or whole), cpu-full (the workers, every image whole: slower, the reference) or "
+        "device (training JPEGs in batches with nvJPEG on CUDA, for hosts with few CPU cores per GPU; validation "
+        "stays on the CPU)",
     )
     interpolation: Literal["bilinear", "bicubic"] = Field(
         "bilinear", description="resampling of the train crop and the evaluation resize; saved with the weights for eval and predict"

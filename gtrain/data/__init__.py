@@ -1,4 +1,5 @@
-"""Data: what a dataset name means (`datasets`: the table, splits, transforms) and how its
+"""Data: what a dataset name means (`datasets`: the table, splits, transforms), how an image
+file becomes pixels (`images`: decoding only what the crop needs, EXIF orientation) and how
 images reach the model in batches (`loaders`: on the device or through DataLoaders)."""
 
 from gtrain.data.datasets import (

@@ -23,12 +23,13 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 import torchvision
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder, VisionDataset
 from torchvision.datasets.folder import default_loader, find_classes
 
+from gtrain.data.images import DecodeCrop, DecodeResizeCrop, read_encoded
 from gtrain.errors import UserError, did_you_mean, error_line
 from gtrain.recipe import DataSection
 
@@ -308,7 +309,9 @@ def train_transform(
             transforms.RandomCrop(image_size, padding=max(1, image_size // 8)),
         ]
     else:
-        steps = [transforms.RandomResizedCrop(image_size, interpolation=resample)]
+        # An image file decoded at the scale the crop needs, as the uint8 path does; PIL
+        # again for the flip and the policies, which work on PIL images here.
+        steps = [DecodeCrop(image_size, resample), transforms.ToPILImage()]
     steps += _flip_and_policy(transforms, spec, auto_augment, resample)
     if auto_augment not in TORCHVISION_POLICIES:
         steps.append(timm_rand_augment(auto_augment, image_size, spec.stats.mean, interpolation))
@@ -369,81 +372,36 @@ def _posterize(image: Image.Image, bits: int, **_: Any) -> Image.Image:
 
 
 def uint8_train_transform(
-    spec: DatasetSpec, image_size: int, *, auto_augment: AutoAugment = "none", interpolation: Interpolation = "bilinear"
-):
-    """The training augmentation of a "imagenet" style row on uint8 (C, H, W) tensors
-    (transforms.v2): a PIL item becomes a tensor first, a decoded file (`read_image_file`)
-    goes straight in. What `train_transform` does after its crop, flip and policy, the
-    device does to the batch (`DeviceFinish`): workers send a quarter of float32's bytes.
-    The crop resamples the tensor with antialiasing, close to PIL's resize but not equal."""
+    spec: DatasetSpec, image_size: int, *, auto_augment: AutoAugment = "none", interpolation: Interpolation = "bilinear",
+    full_decode: bool = False,
+):  # fmt: skip
+    """The training augmentation of a "imagenet" style row to uint8 (C, H, W) tensors
+    (transforms.v2): an image file (`EncodedImage`) is decoded at the scale its random crop
+    needs (`DecodeCrop`; whole with `full_decode`), a decoded tensor or PIL item is cropped
+    as it is. What `train_transform` does after its crop, flip and policy, the device does
+    to the batch (`DeviceFinish`): workers send a quarter of float32's bytes. The crop
+    resamples the tensor with antialiasing, close to PIL's resize but not equal."""
+    resample = transforms.InterpolationMode(interpolation)
     from torchvision.transforms import v2
 
-    resample = transforms.InterpolationMode(interpolation)
-    steps = [v2.PILToTensor(), v2.RandomResizedCrop(image_size, interpolation=resample, antialias=True)]
+    steps = [DecodeCrop(image_size, resample, full=full_decode)]
     return v2.Compose(steps + _flip_and_policy(v2, spec, auto_augment, resample))
 
 
 def uint8_eval_transform(
-    spec: DatasetSpec, image_size: int, interpolation: Interpolation = "bilinear", resize_size: int | None = None
-):
-    """`eval_transform`'s resize and centre crop of a "imagenet" style row on uint8 (C, H, W)
-    tensors; the device normalises the batch. The same for validation, `gtrain eval` and
-    `gtrain predict`, so the three agree exactly."""
-    from torchvision.transforms import v2
-
-    resample = transforms.InterpolationMode(interpolation)
+    spec: DatasetSpec, image_size: int, interpolation: Interpolation = "bilinear", resize_size: int | None = None,
+    full_decode: bool = False,
+) -> DecodeResizeCrop:  # fmt: skip
+    """`eval_transform`'s resize and centre crop of a "imagenet" style row to uint8 (C, H, W)
+    tensors, from an image file (decoded at a smaller scale where the image is at least
+    twice the resize; whole with `full_decode`), a tensor or a PIL image; the device
+    normalises the batch. The same for validation, `gtrain eval` and `gtrain predict`, so
+    the three agree exactly."""
     resize = resize_size or int(image_size / 0.875)
-    steps = [v2.PILToTensor(), v2.Resize(resize, interpolation=resample, antialias=True), v2.CenterCrop(image_size)]
-    return v2.Compose(steps)
+    return DecodeResizeCrop(image_size, resize, transforms.InterpolationMode(interpolation), full=full_decode)
 
 
-def decode_image_data(data: torch.Tensor, path: str) -> torch.Tensor:
-    """A file's bytes as uint8 (3, H, W): JPEG, PNG, WebP and GIF (its first frame) through
-    torchvision.io (libjpeg-turbo straight into a tensor), other formats through PIL. A file
-    neither decodes raises OSError naming `path`."""
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.functional import pil_to_tensor
-
-    if data.numel() == 0:
-        raise OSError(f"cannot decode the image {path}: the file is empty")
-    try:
-        image = decode_image(data, mode=ImageReadMode.RGB)
-        if image.dim() == 4:  # an animated GIF: its frames
-            image = image[0]
-        if image.dtype != torch.uint8:  # a 16-bit PNG
-            image = (image.float() * (255 / 65535)).round().to(torch.uint8)
-        return image
-    except RuntimeError:
-        pass  # not a format torchvision.io decodes, or a damaged file: PIL tells which
-    try:
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-            return pil_to_tensor(image.convert("RGB"))
-    except UnidentifiedImageError:
-        raise OSError(f"cannot decode the image {path}: neither torchvision.io nor PIL reads its format") from None
-    except (OSError, ValueError) as error:
-        raise OSError(f"cannot decode the image {path}: {error_line(error)}") from None
-
-
-def read_image_file(path: str) -> torch.Tensor:
-    """An image file as uint8 (3, H, W) (see `decode_image_data`); a file that cannot be read
-    raises OSError naming it, as `open` does."""
-    return decode_image_data(torch.from_numpy(np.fromfile(path, dtype=np.uint8)), path)
-
-
-class EncodedImage(NamedTuple):
-    """An image file's bytes, undecoded, and its path (for the error if it does not decode).
-    A numpy array, not a tensor: DataLoader workers pickle it into the batch, where a tensor
-    would take a shared-memory file descriptor per image."""
-
-    path: str
-    data: np.ndarray  # uint8 (bytes,)
-
-
-def read_encoded(path: str) -> EncodedImage:
-    return EncodedImage(path, np.fromfile(path, dtype=np.uint8))
-
-
-Decode = Literal["cpu", "device"]
+Decode = Literal["cpu", "cpu-full", "device"]
 
 
 class Pipeline(enum.StrEnum):
@@ -516,7 +474,7 @@ def choose_pipeline(
 
 def training_pipeline(
     spec: DatasetSpec, size: int, pipeline: Pipeline, *, augment: bool, interpolation: Interpolation,
-    auto_augment: AutoAugment, random_erasing: float, random_erasing_fill: ErasingFill,
+    auto_augment: AutoAugment, random_erasing: float, random_erasing_fill: ErasingFill, full_decode: bool = False,
 ) -> tuple[Any, "DeviceFinish | None"]:  # fmt: skip
     """The training transform of `pipeline`, and what the device finishes where its batches
     are uint8 (else None). Unaugmented, training images keep the training size, whatever the
@@ -524,9 +482,10 @@ def training_pipeline(
     `EncodedImage`s and the device decodes and augments them (`DeviceFinish.decode_then`)."""
     if pipeline in (Pipeline.UINT8, Pipeline.DEVICE_DECODE):
         if augment:
-            transform = uint8_train_transform(spec, size, auto_augment=auto_augment, interpolation=interpolation)
+            transform = uint8_train_transform(spec, size, auto_augment=auto_augment, interpolation=interpolation,
+                                              full_decode=full_decode)  # fmt: skip
         else:
-            transform = uint8_eval_transform(spec, size, interpolation)
+            transform = uint8_eval_transform(spec, size, interpolation, full_decode=full_decode)
         erasing = (random_erasing, random_erasing_fill) if augment else (0.0, "mean")
         if pipeline == Pipeline.DEVICE_DECODE:
             return None, DeviceFinish(spec.stats.mean, spec.stats.std, *erasing, decode_then=transform)
@@ -538,17 +497,18 @@ def training_pipeline(
 
 
 def evaluation_pipeline(
-    spec: DatasetSpec, size: int, interpolation: Interpolation, resize_size: int | None = None
+    spec: DatasetSpec, size: int, interpolation: Interpolation, resize_size: int | None = None, full_decode: bool = False
 ) -> tuple[Any, "DeviceFinish"]:
     """The evaluation transform, to uint8 (C, H, W), and the device's normalisation of its
     batches: one computation for validation (in memory or through a DataLoader), `gtrain
-    eval` and `gtrain predict`, so that their inputs agree to the bit."""
+    eval` and `gtrain predict`, so that their inputs agree to the bit. `full_decode`: image
+    files decoded whole (data.decode = "cpu-full"), as the weights' own validation was."""
     finish = DeviceFinish(spec.stats.mean, spec.stats.std)
     if spec.style == "cifar":
         resample = transforms.InterpolationMode(interpolation)
         # As `load_uint8` holds them in memory: PIL's resize, then the pixels as they are.
         return transforms.Compose([transforms.Resize((size, size), interpolation=resample), transforms.PILToTensor()]), finish
-    return uint8_eval_transform(spec, size, interpolation, resize_size), finish
+    return uint8_eval_transform(spec, size, interpolation, resize_size, full_decode), finish
 
 
 def eval_transform(
@@ -603,16 +563,16 @@ def build_data(data: DataSection, *, download: bool = False) -> DataBundle:
             f"data.eval_image_size and data.eval_resize_size are for data that is cropped to be evaluated "
             f"(ImageFolder, photo datasets); {name} is evaluated whole at data.image_size: leave them unset"
         )
-    evaluate, val_finish = evaluation_pipeline(spec, eval_image_size or size, interpolation, eval_resize_size)
+    full_decode = data.decode == "cpu-full"
+    evaluate, val_finish = evaluation_pipeline(spec, eval_image_size or size, interpolation, eval_resize_size, full_decode)
     train_tf, train_finish = training_pipeline(spec, size, pipeline, augment=augment, interpolation=interpolation,
-                                               **per_image)  # fmt: skip
+                                               full_decode=full_decode, **per_image)  # fmt: skip
     if name == IMAGE_FOLDER:
-        # Photos in the workers: torchvision.io decodes them straight into uint8 tensors, or
-        # they are only read, for the device to decode.
-        train_loader = {Pipeline.UINT8: read_image_file, Pipeline.DEVICE_DECODE: read_encoded}.get(pipeline)
-        train = _load_image_folder(_image_folder_split(root, "train"), train_tf, loader=train_loader)
+        # Photos are read as files' bytes: the workers decode them as their crop needs
+        # (`DecodeCrop`), or the device decodes them.
+        train = _load_image_folder(_image_folder_split(root, "train"), train_tf, loader=read_encoded)
         val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes,
-                                 loader=read_image_file)  # fmt: skip
+                                 loader=read_encoded)  # fmt: skip
         info = _image_folder_info(size, train.classes)
     else:
         val_split = _resolve_split(name, val_split, spec.splits)
@@ -635,6 +595,7 @@ def build_eval_data(
     class_names: tuple[str, ...] | None = None,
     interpolation: Interpolation = "bilinear",
     resize_size: int | None = None,
+    full_decode: bool = False,
 ) -> tuple[DatasetInfo, Dataset, "DeviceFinish | None"]:
     """One split of a dataset with the evaluation transform, for scoring a trained model, and
     what the device does to its batches (None: the items are normalised already).
@@ -650,9 +611,9 @@ def build_eval_data(
         expected = list(class_names) if class_names else None
         if expected is None and (root / "train").is_dir():
             expected = _class_folders(root / "train")
-        transform, finish = evaluation_pipeline(IMAGE_FOLDER_SPEC, size, interpolation, resize_size)
+        transform, finish = evaluation_pipeline(IMAGE_FOLDER_SPEC, size, interpolation, resize_size, full_decode)
         data = _load_image_folder(_image_folder_split(root, split), transform, expected_classes=expected,
-                                  loader=read_image_file)  # fmt: skip
+                                  loader=read_encoded)  # fmt: skip
         return _image_folder_info(size, data.classes), data, finish
     spec = DATASETS[name]
     size = _image_size(image_size, spec)

@@ -25,9 +25,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from gtrain.data.datasets import (
-    BatchAugmentation, DataBundle, DeviceFinish, EncodedImage, Pipeline, decode_image_data, train_labels,
-)  # fmt: skip
+from gtrain.data.datasets import BatchAugmentation, DataBundle, DeviceFinish, Pipeline, train_labels
+from gtrain.data.images import EncodedImage, decode_whole, jpeg_orientation
 from gtrain.data.randomness import ERASING_STREAM, SAMPLE_STREAM, SampleKey, SeededBySample, drawn_from, seed_of
 from gtrain.distributed import World
 from gtrain.errors import UserError
@@ -236,23 +235,25 @@ def collate_encoded(items: list[tuple[EncodedImage, int]]) -> tuple[list[Encoded
 
 
 def decode_on(encoded: list[EncodedImage], device: torch.device) -> list[torch.Tensor]:
-    """uint8 (3, H, W) images on `device`: the JPEGs in one `decode_jpeg` call there, the
-    other formats (and any JPEG it cannot decode, to name the file) on the CPU."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    """uint8 (3, H, W) images on `device`, upright: the JPEGs stored upright in one TorchCodec
+    `decode_jpeg` call there (nvJPEG on CUDA); on the CPU, the other formats, JPEGs with an
+    EXIF orientation (which the CPU decoder applies), and any JPEG the batch call refuses, to
+    name a damaged file."""
+    from torchcodec.decoders import decode_jpeg
 
-    data = [torch.from_numpy(image.data) for image in encoded]
     images: list[torch.Tensor | None] = [None] * len(encoded)
-    jpegs = [i for i, bytes_ in enumerate(data) if bytes_[:2].tolist() == [0xFF, 0xD8]]
+    jpegs = [i for i, image in enumerate(encoded)
+             if image.data[:2].tobytes() == b"\xff\xd8" and jpeg_orientation(image.data) == 1]  # fmt: skip
     if jpegs:
         try:
-            decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-            for i, image in zip(jpegs, decoded):
+            decoded = decode_jpeg([torch.from_numpy(encoded[i].data) for i in jpegs], mode="RGB", device=device)
+            for i, image in zip(jpegs, decoded, strict=True):
                 images[i] = image
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             pass  # a damaged or unusual JPEG: the loop below decodes each, and names a bad one
     for i, image in enumerate(images):
         if image is None:
-            images[i] = decode_image_data(data[i], encoded[i].path).to(device)
+            images[i] = decode_whole(encoded[i]).to(device)
     return images
 
 

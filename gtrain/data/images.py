@@ -1,0 +1,282 @@
+"""Image files: reading, decoding only as much as the crop needs, and EXIF orientation.
+
+A JPEG's size is read from its header without decoding it (simplejpeg, which links
+libjpeg-turbo 3), so the training crop's box can be drawn first; the file is then decoded
+at the smallest DCT scale (1/8, 1/4, 1/2 or whole) that still leaves the box at least the
+output size on both sides, and the box cut from that and resized. libjpeg-turbo also
+scales by 3/8 and 5/8 to 7/8, but those cost as much as a whole decode or more (measured on
+4032x3024 and 500x375 JPEGs), so they are not used. Evaluation does the same for its resize:
+a scaled decode where the image is at least twice the resize target.
+
+Everything the scaled path does not take (PNG, WebP, GIF, CMYK JPEGs, a JPEG libjpeg-turbo's
+header reader refuses) is decoded whole by TorchCodec, then by Pillow as a last resort. A
+file neither reads raises OSError naming it.
+
+Every path applies the EXIF orientation, so a photo a phone stored sideways is trained,
+evaluated and predicted upright.
+"""
+
+import io
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import RandomResizedCrop as _RandomResizedCrop
+from torchvision.transforms.v2 import functional as F
+
+from gtrain.errors import error_line
+
+EIGHTHS = (1, 2, 4, 8)  # the DCT scales used, in eighths of the stored size
+_ORIENTATION_TAG = 0x0112
+_SCALABLE_COLOURS = ("YCbCr", "Gray", "RGB")  # what libjpeg-turbo turns into RGB itself
+_EXIF_SEARCH = 65536  # an APP1 segment, where EXIF lives, is at most 64 KiB and comes first
+
+
+class EncodedImage(NamedTuple):
+    """An image file's bytes, undecoded, and its path (for the error if it does not decode).
+    A numpy array, not a tensor: DataLoader workers pickle it into the batch, where a tensor
+    would take a shared-memory file descriptor per image."""
+
+    path: str
+    data: np.ndarray  # uint8 (bytes,)
+
+
+def read_encoded(path: str) -> EncodedImage:
+    return EncodedImage(path, np.fromfile(path, dtype=np.uint8))
+
+
+class Probe(NamedTuple):
+    """What an image file's header says: its size as displayed (after the EXIF orientation),
+    the orientation (1-8), and whether the scaled JPEG decoder takes it."""
+
+    height: int
+    width: int
+    orientation: int
+    scalable: bool
+
+
+def probe(image: EncodedImage) -> Probe:
+    """What the header of a JPEG says, read without decoding it; any other file is not
+    `scalable` (its size unknown until it is decoded whole)."""
+    import simplejpeg
+
+    data = image.data
+    if data[:2].tobytes() == b"\xff\xd8":
+        try:
+            height, width, colours, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            pass  # damaged, or a JPEG the header reader refuses: the whole decode names it
+        else:
+            orientation = jpeg_orientation(data)
+            if orientation >= 5:  # stored transposed
+                height, width = width, height
+            return Probe(height, width, orientation, colours in _SCALABLE_COLOURS)
+    return Probe(0, 0, 1, False)
+
+
+def jpeg_orientation(data: np.ndarray) -> int:
+    """The EXIF orientation of a JPEG (1: as stored), read by Pillow only where the file has
+    an EXIF segment at all (most have none, and looking costs microseconds)."""
+    if data[:_EXIF_SEARCH].tobytes().find(b"Exif\x00\x00") < 0:
+        return 1
+    return _pillow_orientation(data)
+
+
+def _pillow_orientation(data: np.ndarray) -> int:
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+    except (OSError, ValueError, UnidentifiedImageError, SyntaxError):
+        return 1  # unreadable EXIF: the image as stored
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A (C, H, W) image as displayed, from its stored pixels and EXIF orientation: the
+    transposes Pillow's `ImageOps.exif_transpose` makes, as views."""
+    if orientation in (5, 6, 7, 8):
+        image = image.transpose(-1, -2)  # 5 is the transpose alone; 6-8 add flips to it
+    flips = {2: (-1,), 3: (-1, -2), 4: (-2,), 6: (-1,), 7: (-1, -2), 8: (-2,)}.get(orientation)
+    return image.flip(flips) if flips else image
+
+
+def decode(image: EncodedImage, found: Probe) -> torch.Tensor:
+    """The image as uint8 (3, H, W), upright, whole."""
+    pixels = decode_stored(image, found, 8) if found.scalable else None
+    if pixels is None:
+        return decode_whole(image)
+    return orient(torch.from_numpy(pixels).permute(2, 0, 1), found.orientation)
+
+
+def decode_upright(image: EncodedImage, found: Probe, eighths: int) -> Image.Image | None:
+    """`decode_stored`, upright, as a Pillow image (whose resize takes a fractional box)."""
+    pixels = decode_stored(image, found, eighths)
+    if pixels is None:
+        return None
+    method = _TRANSPOSES.get(found.orientation)
+    return Image.fromarray(pixels).transpose(method) if method is not None else Image.fromarray(pixels)
+
+
+def decode_stored(image: EncodedImage, found: Probe, eighths: int) -> np.ndarray | None:
+    """A JPEG that `found` says is `scalable`, decoded at `eighths`/8 of its size (libjpeg-turbo
+    rounds each side up: pixel i covers the stored pixels [8i/e, 8(i+1)/e)), as stored (H, W,
+    3); None where the decoder refuses the file (the whole decode then says what is wrong)."""
+    import simplejpeg
+
+    stored_h, stored_w = (found.width, found.height) if found.orientation >= 5 else (found.height, found.width)
+    limits = {} if eighths == 8 else {"min_height": -(-stored_h * eighths // 8), "min_width": -(-stored_w * eighths // 8)}
+    try:
+        return simplejpeg.decode_jpeg(image.data, colorspace="RGB", **limits)
+    except ValueError:
+        return None
+
+
+# Pillow's transposes for the EXIF orientations, as `ImageOps.exif_transpose` makes them.
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # fmt: skip
+
+
+def decode_whole(image: EncodedImage) -> torch.Tensor:
+    """uint8 (3, H, W), upright, at full size: JPEG, PNG, WebP and GIF (its first frame)
+    through TorchCodec, other formats through Pillow; a file neither reads raises OSError
+    naming it."""
+    from torchcodec.decoders import decode_image
+
+    data, path = image.data, image.path
+    if data.size == 0:
+        raise OSError(f"cannot decode the image {path}: the file is empty")
+    try:
+        pixels = decode_image(torch.from_numpy(data), mode="RGB")
+    except (RuntimeError, ValueError):
+        return _pillow_decode(image)  # not a format TorchCodec decodes, or damaged: Pillow says which
+    if pixels.dim() == 4:  # an animated GIF or WebP: its frames
+        pixels = pixels[0]
+    if pixels.dtype != torch.uint8:  # a 16-bit PNG
+        pixels = (pixels.float() * (255 / 65535)).round().to(torch.uint8)
+    return pixels  # TorchCodec applies the EXIF orientation itself (tested for JPEG, PNG and WebP)
+
+
+def _pillow_decode(image: EncodedImage) -> torch.Tensor:
+    try:
+        with Image.open(io.BytesIO(image.data.tobytes())) as opened:
+            upright = ImageOps.exif_transpose(opened).convert("RGB")
+            return F.pil_to_tensor(upright)
+    except UnidentifiedImageError:
+        raise OSError(f"cannot decode the image {image.path}: neither TorchCodec nor Pillow reads its format") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise OSError(f"cannot decode the image {image.path}: {error_line(error)}") from None
+
+
+def read_image_file(path: str) -> torch.Tensor:
+    """An image file as uint8 (3, H, W), upright and whole; a file that cannot be read raises
+    OSError naming it, as `open` does."""
+    return decode_whole(read_encoded(path))
+
+
+def as_upright_tensor(image: Any) -> torch.Tensor:
+    """A uint8 (C, H, W) tensor as it is, or a PIL image turned by its EXIF orientation."""
+    if isinstance(image, Image.Image):
+        return F.pil_to_tensor(ImageOps.exif_transpose(image))
+    return image
+
+
+_PILLOW = {InterpolationMode.BILINEAR: Image.Resampling.BILINEAR, InterpolationMode.BICUBIC: Image.Resampling.BICUBIC}
+
+
+def _tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def _scale_for(*sides: float, target: int, allowed: tuple[int, ...] = EIGHTHS) -> int:
+    """The smallest scale, in eighths, that keeps every side at least `target`."""
+    return next((e for e in allowed if min(sides) * e / 8 >= target), 8)
+
+
+class DecodeCrop:
+    """RandomResizedCrop of an image file (`EncodedImage`), decoding only the scale the box
+    needs; also takes uint8 tensors and PIL images, which it crops as torchvision does.
+
+    The box is torchvision's RandomResizedCrop's (`get_params`: the same distribution, drawn
+    from torch's generator, which the sample's own stream seeds), on the image as displayed.
+    `full`: decode every file whole (the reference the scaled decode is measured against)."""
+
+    def __init__(self, size: int, interpolation: InterpolationMode, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 full: bool = False):  # fmt: skip
+        self.size, self.interpolation, self.scale, self.ratio, self.full = size, interpolation, scale, ratio, full
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        if isinstance(item, EncodedImage):
+            found = probe(item)
+            if found.scalable:
+                top, left, height, width = self.box(found.height, found.width)
+                eighths = 8 if self.full else _scale_for(height, width, target=self.size)
+                if eighths == 8:
+                    return self.resized(decode(item, found), top, left, height, width)
+                scaled = decode_upright(item, found, eighths)
+                if scaled is not None:
+                    # The box at the decoded scale, to the sub-pixel, resampled with
+                    # antialiasing by Pillow (which takes a fractional box).
+                    s = eighths / 8
+                    box = (left * s, top * s, (left + width) * s, (top + height) * s)
+                    return _tensor(scaled.resize((self.size, self.size), _PILLOW[self.interpolation], box=box))
+            image = decode_whole(item)
+        else:
+            image = as_upright_tensor(item)
+        return self.resized(image, *self.box(image.shape[-2], image.shape[-1]))
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) on a `height` x `width` image."""
+        shape_only = torch.empty((1, height, width), dtype=torch.uint8, device="meta")
+        return _RandomResizedCrop.get_params(shape_only, list(self.scale), list(self.ratio))
+
+    def resized(self, image: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        return F.resized_crop(image, top, left, height, width, [self.size, self.size], self.interpolation, antialias=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value}, full={self.full})"
+
+
+class DecodeResizeCrop:
+    """Evaluation's geometry: resize the short side to `resize`, then take the centre
+    `size` x `size`; from an image file (`EncodedImage`) decoded at 1/8, 1/4 or 1/2 scale
+    where that still leaves the short side at least `resize`, or from a uint8 tensor or PIL
+    image. The resized size is computed from the image's own size, so a scaled decode and a
+    whole one are resized to the same shape."""
+
+    def __init__(self, size: int, resize: int, interpolation: InterpolationMode, *, full: bool = False):
+        self.size, self.resize, self.interpolation, self.full = size, resize, interpolation, full
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        if isinstance(item, EncodedImage):
+            found = probe(item)
+            eighths = _scale_for(found.height, found.width, target=self.resize, allowed=EIGHTHS[:-1])
+            if found.scalable and not self.full and eighths < 8:
+                scaled = decode_upright(item, found, eighths)
+                if scaled is not None:
+                    # The whole image's extent at the decoded scale, to the sub-pixel.
+                    s, (height, width) = eighths / 8, resized_size(found.height, found.width, self.resize)
+                    resized = scaled.resize((width, height), _PILLOW[self.interpolation],
+                                            box=(0, 0, found.width * s, found.height * s))  # fmt: skip
+                    return F.center_crop(_tensor(resized), [self.size, self.size])
+            image = decode(item, found)
+        else:
+            image = as_upright_tensor(item)
+        resized = F.resize(image, resized_size(*image.shape[-2:], self.resize), self.interpolation, antialias=True)
+        return F.center_crop(resized, [self.size, self.size])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, resize={self.resize}, interpolation={self.interpolation.value})"
+
+
+def resized_size(height: int, width: int, short: int) -> list[int]:
+    """(height, width) with the short side `short` and the aspect kept, rounded down as
+    torchvision's Resize(int) rounds the long side."""
+    if height <= width:
+        return [short, max(1, math.floor(short * width / height))]
+    return [max(1, math.floor(short * height / width)), short]
