@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from gtrain import runtime
+from gtrain.data.costs import ImageCosts, image_costs
 from gtrain.errors import UserError
 from gtrain.models import create_model, get_model_entry
 from gtrain.models.summary import count_flops
@@ -196,6 +197,7 @@ class DataBenchResult:
     train_images_per_s: float  # the model's training step alone, on random images there
     limited_by: str  # "data" or "model"
     data_wait_fraction: float  # the share of a step the model would wait for data: 1 - loader / train, or 0
+    image_costs: ImageCosts | None = None  # ms per image in each stage (image folders decoded by the workers)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -239,6 +241,7 @@ def run_data_bench(
         epoch += 1
     _synchronize(device_)
     loader_rate = images / (time.perf_counter() - start)
+    costs = image_costs(data.train, batch_size=len(inputs), device=device_)
     # The step as fit takes it: its optimizer, precision, memory format and micro-batches.
     timing = BenchSettings(batch_size=len(inputs), image_size=data.info.image_size, device=str(device_), steps=steps,
                            warmup=2, repeats=repeats)  # fmt: skip
@@ -252,6 +255,7 @@ def run_data_bench(
         # device runs between steps, so its time adds to theirs.
         data_wait_fraction=(train_rate / (loader_rate + train_rate) if decodes_on_device
                             else max(0.0, 1 - loader_rate / train_rate)),  # fmt: skip
+        image_costs=costs,
     )  # fmt: skip
 
 
@@ -262,13 +266,26 @@ def format_data_rows(result: DataBenchResult) -> list[tuple[str, str]]:
                    f"it would wait for batches {r.data_wait_fraction:.0%} of the time")  # fmt: skip
     else:
         verdict = f"the model: the loader has {r.loader_images_per_s / r.train_images_per_s:.1f}x the images/s it needs"
-    return [
+    rows = [
         ("recipe", f"{r.recipe}, batch {r.batch_size} x {r.image_size} px, on {r.device}"),
         ("loader", r.loader),
         ("data", f"{r.loader_images_per_s:,.1f} img/s ({r.batches} batches, the loader alone)"),
         ("model", f"{r.train_images_per_s:,.1f} img/s (training steps alone, on random images)"),
         ("limit", verdict),
     ]
+    return rows + (_cost_rows(r.image_costs, limited_by_data=r.limited_by == "data") if r.image_costs else [])
+
+
+def _cost_rows(costs: ImageCosts, *, limited_by_data: bool) -> list[tuple[str, str]]:
+    stages = ", ".join(f"{name.replace('_', ' ')} {ms:.2f}" for name, ms in costs.stages().items())
+    rows = [("per image", f"{stages} ms (one thread, {costs.samples} images of {costs.stored_pixels:.2f} MP on average)")]
+    speedup = costs.pre_resized_speedup()
+    smaller = f"stored with a short side of {costs.pre_resized_side} px (JPEG q90), a worker would be {speedup:.1f}x faster"
+    if speedup >= 1.5 and limited_by_data:
+        rows.append(("pre-resize", f"worth it: {smaller}; the loader is the limit"))
+    else:
+        rows.append(("pre-resize", f"not needed: {smaller}" + ("" if limited_by_data else ", and the model is the limit")))
+    return rows
 
 
 def format_rows(result: BenchResult) -> list[tuple[str, str]]:

@@ -107,6 +107,13 @@ def test_bench_data_says_whether_the_loader_or_the_model_limits_the_recipe(setti
     assert report["loader_images_per_s"] > 0 and report["train_images_per_s"] > 0 and path in report["loader"]
     slower = "data" if report["loader_images_per_s"] < report["train_images_per_s"] else "model"
     assert report["limited_by"] == slower and 0 <= report["data_wait_fraction"] < 1
+    costs = report["image_costs"]  # per image and stage, where the workers decode files
+    if settings:
+        stages = ("read", "decode", "crop_resize", "augment", "collate", "transfer")
+        assert all(costs[stage] > 0 for stage in stages) and costs["samples"] == 60, costs
+        assert costs["pre_resized_side"] == 32 and costs["pre_resized_decode_crop"] > 0
+    else:
+        assert costs is None  # images held in memory: nothing to decode
 
 
 def test_bench_needs_a_model_or_a_recipe_not_both():

@@ -211,32 +211,40 @@ class DecodeCrop:
         self.size, self.interpolation, self.scale, self.ratio, self.full = size, interpolation, scale, ratio, full
 
     def __call__(self, item: Any) -> torch.Tensor:
+        return self.cropped(*self.decoded(item))
+
+    def decoded(self, item: Any) -> tuple[Any, tuple[float, ...]]:
+        """(the image, the box on it): a uint8 tensor and an integer (top, left, height,
+        width), or, decoded at a smaller scale, a Pillow image and the box's fractional
+        (left, top, right, bottom) on it, which Pillow's resize takes."""
         if isinstance(item, EncodedImage):
             found = probe(item)
             if found.scalable:
                 top, left, height, width = self.box(found.height, found.width)
                 eighths = 8 if self.full else _scale_for(height, width, target=self.size)
                 if eighths == 8:
-                    return self.resized(decode(item, found), top, left, height, width)
+                    return decode(item, found), (top, left, height, width)
                 scaled = decode_upright(item, found, eighths)
                 if scaled is not None:
-                    # The box at the decoded scale, to the sub-pixel, resampled with
-                    # antialiasing by Pillow (which takes a fractional box).
                     s = eighths / 8
-                    box = (left * s, top * s, (left + width) * s, (top + height) * s)
-                    return _tensor(scaled.resize((self.size, self.size), _PILLOW[self.interpolation], box=box))
+                    return scaled, (left * s, top * s, (left + width) * s, (top + height) * s)
             image = decode_whole(item)
         else:
             image = as_upright_tensor(item)
-        return self.resized(image, *self.box(image.shape[-2], image.shape[-1]))
+        return image, self.box(image.shape[-2], image.shape[-1])
+
+    def cropped(self, image: Any, box: tuple[float, ...]) -> torch.Tensor:
+        """The box resized to `size` x `size` with antialiasing: by torchvision on a tensor
+        (what RandomResizedCrop does), by Pillow to the sub-pixel on a scaled decode."""
+        if isinstance(image, Image.Image):
+            return _tensor(image.resize((self.size, self.size), _PILLOW[self.interpolation], box=box))
+        top, left, height, width = box
+        return F.resized_crop(image, top, left, height, width, [self.size, self.size], self.interpolation, antialias=True)
 
     def box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(top, left, height, width) on a `height` x `width` image."""
         shape_only = torch.empty((1, height, width), dtype=torch.uint8, device="meta")
         return _RandomResizedCrop.get_params(shape_only, list(self.scale), list(self.ratio))
-
-    def resized(self, image: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
-        return F.resized_crop(image, top, left, height, width, [self.size, self.size], self.interpolation, antialias=True)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value}, full={self.full})"

@@ -1,0 +1,126 @@
+"""What one training image costs in the loader, stage by stage, for `gtrain bench --data`:
+read, decode, crop and resize, augment, collate, transfer. And what the same crops would
+cost from copies of the images stored smaller, to say when pre-resizing would pay.
+
+Each stage is timed on its own over a sample of the training set, in this process with one
+thread, as a DataLoader worker runs it; the workers run these stages in parallel, so the
+loader's images/s is about workers / (the sum of the worker stages).
+"""
+
+import io
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+from gtrain.data.images import DecodeCrop, EncodedImage, decode_whole, probe, read_encoded
+
+PRE_RESIZED_QUALITY = 90  # JPEG quality of the smaller copies
+
+
+@dataclass
+class ImageCosts:
+    """Milliseconds per image in each stage, over `samples` images."""
+
+    samples: int
+    read: float
+    decode: float
+    crop_resize: float
+    augment: float
+    collate: float
+    transfer: float
+    stored_pixels: float  # the mean width x height of the files, in megapixels
+    pre_resized_side: int  # the short side of the smaller copies
+    pre_resized_decode_crop: float  # decode + crop and resize from them
+
+    @property
+    def worker_ms(self) -> float:
+        """What one image costs a worker: everything but the transfer to the device."""
+        return self.read + self.decode + self.crop_resize + self.augment + self.collate
+
+    def stages(self) -> dict[str, float]:
+        names = ("read", "decode", "crop_resize", "augment", "collate", "transfer")
+        return {name: getattr(self, name) for name in names}
+
+    def pre_resized_speedup(self) -> float:
+        """How many times faster a worker would be on the smaller copies."""
+        smaller = self.worker_ms - self.decode - self.crop_resize + self.pre_resized_decode_crop
+        return self.worker_ms / smaller
+
+
+def image_costs(dataset, *, batch_size: int, device: torch.device, samples: int = 64) -> ImageCosts | None:
+    """The stages of `dataset`'s items, where it is an image folder that `DecodeCrop` decodes
+    (None for data held in memory or decoded on the device)."""
+    steps = getattr(getattr(dataset, "transform", None), "transforms", None)
+    if not isinstance(dataset, ImageFolder) or not steps or not isinstance(steps[0], DecodeCrop):
+        return None
+    crop, augment = steps[0], v2.Compose(steps[1:])
+    picked = np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int)
+    paths = [dataset.samples[i][0] for i in picked]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a worker
+    try:
+        timer = _StageTimer(len(paths))
+        files = timer("read", lambda: [read_encoded(path) for path in paths])
+        decoded = timer("decode", lambda: [_seeded(i, crop.decoded, file) for i, file in enumerate(files)])
+        crops = timer("crop_resize", lambda: [crop.cropped(image, box) for image, box in decoded])
+        augmented = timer("augment", lambda: [_seeded(i, augment, image) for i, image in enumerate(crops)])
+        pairs = [(image, dataset.samples[i][1]) for image, i in zip(augmented, picked, strict=True)]
+        batches = timer("collate", lambda: [default_collate(pairs[k : k + batch_size])
+                                            for k in range(0, len(pairs), batch_size)])  # fmt: skip
+        timer("transfer", lambda: _to_device(batches, device))
+        side = 2 * crop.size
+        smaller = [_smaller_copy(file, side) for file in files]
+        timer("pre_resized", lambda: [_seeded(i, crop, file) for i, file in enumerate(smaller)])
+    finally:
+        torch.set_num_threads(threads)
+    stages = {name: timer.ms[name] for name in ("read", "decode", "crop_resize", "augment", "collate", "transfer")}
+    return ImageCosts(samples=len(paths), **stages, stored_pixels=_stored_megapixels(files), pre_resized_side=side,
+                      pre_resized_decode_crop=timer.ms["pre_resized"])  # fmt: skip
+
+
+class _StageTimer:
+    def __init__(self, images: int):
+        self.images, self.ms = images, {}
+
+    def __call__(self, name: str, work):
+        start = time.perf_counter()
+        result = work()
+        self.ms[name] = (time.perf_counter() - start) * 1000 / self.images
+        return result
+
+
+def _seeded(index: int, transform, item):
+    torch.manual_seed(index)  # a fixed crop per image, so that the smaller copies take the same boxes
+    return transform(item)
+
+
+def _to_device(batches: list, device: torch.device) -> None:
+    for images, _ in batches:
+        images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _smaller_copy(file: EncodedImage, short_side: int) -> EncodedImage:
+    """The image with its short side `short_side` (or as it is, if smaller), as a JPEG."""
+    image = Image.fromarray(decode_whole(file).permute(1, 2, 0).numpy())
+    scale = short_side / min(image.size)
+    if scale < 1:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=PRE_RESIZED_QUALITY)
+    return EncodedImage(file.path, np.frombuffer(buffer.getvalue(), dtype=np.uint8).copy())
+
+
+def _stored_megapixels(files: list[EncodedImage]) -> float:
+    sizes = []
+    for file in files:
+        found = probe(file)
+        sizes.append(found.height * found.width if found.scalable else decode_whole(file)[0].numel())
+    return float(np.mean(sizes)) / 1e6
