@@ -84,7 +84,7 @@ class WeightsMeta:
             "model_settings": json.dumps(self.model_settings),
             "interpolation": self.interpolation,
             **({"resize_size": str(self.resize_size)} if self.resize_size is not None else {}),
-            **({"decode": "full"} if self.full_decode else {}),
+            "decode": "full" if self.full_decode else "scaled",
             "gtrain_version": __version__,
         }
 
@@ -113,7 +113,8 @@ class WeightsMeta:
             class_names=tuple(class_names), dataset=field.text("dataset"), model_settings=field.model_settings(model),
             interpolation=field.choice("interpolation", ("bilinear", "bicubic"), default="bilinear"),
             resize_size=field.integer("resize_size", 1, MAX_IMAGE_SIZE) if "resize_size" in meta else None,
-            full_decode=field.choice("decode", ("scaled", "full"), default="scaled") == "full",
+            # Files from before the scaled decode were validated with whole decodes.
+            full_decode=field.choice("decode", ("scaled", "full"), default="full") == "full",
         )  # fmt: skip
 
 

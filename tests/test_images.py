@@ -158,6 +158,35 @@ def test_exif_orientation_turns_the_image_as_pillow_does(orientation):
     assert (evaluate(file).float() - evaluate(pil_to_tensor(upright)).float()).abs().mean() < 3
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_scaled_decode_of_a_turned_photo_keeps_its_geometry_at_any_size(orientation):
+    """At 1/8 scale libjpeg-turbo's last row and column cover the encoder's padding (1001 and
+    761 are not multiples of 8); a turn that flips an axis brings them to the start. The
+    scaled crops and resizes stay as close to the whole decode's as without a turn
+    (measured: a mean of 1.9 levels for every orientation; 5-11 if the padding is ignored)."""
+    file = with_orientation(photo(size=(1001, 761)), orientation)
+    evaluate, whole = DecodeResizeCrop(64, 80, BILINEAR), DecodeResizeCrop(64, 80, BILINEAR, full=True)
+    assert (evaluate(file).float() - whole(file).float()).abs().mean() < 2.5
+    crop, crop_whole = DecodeCrop(64, BILINEAR), DecodeCrop(64, BILINEAR, full=True)
+    differences = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        scaled = crop(file)
+        torch.manual_seed(seed)
+        differences.append((scaled.float() - crop_whole(file).float()).abs().mean().item())
+    assert np.mean(differences) < 2.5, differences
+
+
+def test_the_orientation_is_found_behind_large_segments():
+    """EXIF after 130 KB of comments (cameras put large maker notes and previews first)."""
+    data = with_orientation(photo(size=(64, 48)), 6).data.tobytes()
+    comment = b"\xff\xfe" + (65000).to_bytes(2, "big") + bytes(64998)
+    file = EncodedImage("photo.jpg", np.frombuffer(data[:2] + comment * 2 + data[2:], dtype=np.uint8).copy())
+    found = probe(file)
+    assert (found.orientation, found.width, found.height) == (6, 48, 64)
+    assert torch.equal(decode(file, found), decode_whole(file))
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
 def test_exif_orientation_of_other_formats(fmt):
     exif = Image.Exif()

@@ -167,7 +167,8 @@ KILL_AT = {"in-memory-digits": 7, "default": 5}
 
 @pytest.fixture(scope="module")
 def jpeg_folder(tmp_path_factory):
-    """24 training and 12 validation JPEGs of 3 classes at 40 px: 3 steps of 8 per epoch."""
+    """24 training and 12 validation JPEGs of 3 classes at 40 px: 3 steps of 8 per epoch. At
+    16 px, crops of 32 px or more and the evaluation's resize to 18 take the half-scale decode."""
     return write_image_folder(tmp_path_factory.mktemp("jpegs"), size=40, suffix=".jpg",
                               images_per_class={"train": 8, "val": 4})  # fmt: skip
 

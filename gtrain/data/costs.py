@@ -7,9 +7,10 @@ thread, as a DataLoader worker runs it; the workers run these stages in parallel
 loader's images/s is about workers / (the sum of the worker stages).
 """
 
-import io
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torchvision.transforms import v2
 from gtrain.data.images import DecodeCrop, EncodedImage, decode_whole, probe, read_encoded
 
 PRE_RESIZED_QUALITY = 90  # JPEG quality of the smaller copies
+STAGES = ("read", "decode", "crop_resize", "augment", "collate", "transfer")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class ImageCosts:
     transfer: float
     stored_pixels: float  # the mean width x height of the files, in megapixels
     pre_resized_side: int  # the short side of the smaller copies
+    pre_resized_read: float  # reading them
     pre_resized_decode_crop: float  # decode + crop and resize from them
 
     @property
@@ -44,13 +47,12 @@ class ImageCosts:
         return self.read + self.decode + self.crop_resize + self.augment + self.collate
 
     def stages(self) -> dict[str, float]:
-        names = ("read", "decode", "crop_resize", "augment", "collate", "transfer")
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in STAGES}
 
     def pre_resized_speedup(self) -> float:
         """How many times faster a worker would be on the smaller copies."""
-        smaller = self.worker_ms - self.decode - self.crop_resize + self.pre_resized_decode_crop
-        return self.worker_ms / smaller
+        same = self.augment + self.collate
+        return self.worker_ms / (self.pre_resized_read + self.pre_resized_decode_crop + same)
 
 
 def image_costs(dataset, *, batch_size: int, device: torch.device, samples: int = 64) -> ImageCosts | None:
@@ -59,29 +61,34 @@ def image_costs(dataset, *, batch_size: int, device: torch.device, samples: int 
     steps = getattr(getattr(dataset, "transform", None), "transforms", None)
     if not isinstance(dataset, ImageFolder) or not steps or not isinstance(steps[0], DecodeCrop):
         return None
-    crop, augment = steps[0], v2.Compose(steps[1:])
     picked = np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int)
-    paths = [dataset.samples[i][0] for i in picked]
+    chosen = [dataset.samples[i] for i in picked]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a worker
     try:
-        timer = _StageTimer(len(paths))
-        files = timer("read", lambda: [read_encoded(path) for path in paths])
-        decoded = timer("decode", lambda: [_seeded(i, crop.decoded, file) for i, file in enumerate(files)])
-        crops = timer("crop_resize", lambda: [crop.cropped(image, box) for image, box in decoded])
-        augmented = timer("augment", lambda: [_seeded(i, augment, image) for i, image in enumerate(crops)])
-        pairs = [(image, dataset.samples[i][1]) for image, i in zip(augmented, picked, strict=True)]
-        batches = timer("collate", lambda: [default_collate(pairs[k : k + batch_size])
-                                            for k in range(0, len(pairs), batch_size)])  # fmt: skip
-        timer("transfer", lambda: _to_device(batches, device))
-        side = 2 * crop.size
-        smaller = [_smaller_copy(file, side) for file in files]
-        timer("pre_resized", lambda: [_seeded(i, crop, file) for i, file in enumerate(smaller)])
+        with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="gtrain-smaller-") as folder:
+            return _timed_stages(chosen, steps[0], v2.Compose(steps[1:]), batch_size, device, Path(folder))
     finally:
         torch.set_num_threads(threads)
-    stages = {name: timer.ms[name] for name in ("read", "decode", "crop_resize", "augment", "collate", "transfer")}
-    return ImageCosts(samples=len(paths), **stages, stored_pixels=_stored_megapixels(files), pre_resized_side=side,
-                      pre_resized_decode_crop=timer.ms["pre_resized"])  # fmt: skip
+
+
+def _timed_stages(samples: list[tuple[str, int]], crop: DecodeCrop, augment, batch_size: int, device: torch.device,
+                  folder: Path) -> ImageCosts:  # fmt: skip
+    timer = _StageTimer(len(samples))
+    files = timer("read", lambda: [read_encoded(path) for path, _ in samples])
+    decoded = timer("decode", lambda: [_seeded(i, crop.decoded, file) for i, file in enumerate(files)])
+    crops = timer("crop_resize", lambda: [crop.cropped(image, box) for image, box in decoded])
+    augmented = timer("augment", lambda: [_seeded(i, augment, image) for i, image in enumerate(crops)])
+    pairs = [(image, label) for image, (_, label) in zip(augmented, samples, strict=True)]
+    batches = timer("collate", lambda: [default_collate(pairs[k : k + batch_size]) for k in range(0, len(pairs), batch_size)])
+    timer("transfer", lambda: _to_device(batches, device))
+    side = 2 * crop.size
+    copies = [_write_smaller_copy(file, side, folder / f"{i}.jpg") for i, file in enumerate(files)]
+    smaller = timer("pre_resized_read", lambda: [read_encoded(str(copy)) for copy in copies])
+    timer("pre_resized", lambda: [_seeded(i, crop, file) for i, file in enumerate(smaller)])
+    stages = {name: timer.ms[name] for name in STAGES}
+    return ImageCosts(samples=len(samples), **stages, stored_pixels=_stored_megapixels(files), pre_resized_side=side,
+                      pre_resized_read=timer.ms["pre_resized_read"], pre_resized_decode_crop=timer.ms["pre_resized"])  # fmt: skip
 
 
 class _StageTimer:
@@ -96,26 +103,25 @@ class _StageTimer:
 
 
 def _seeded(index: int, transform, item):
-    torch.manual_seed(index)  # a fixed crop per image, so that the smaller copies take the same boxes
+    torch.manual_seed(index)  # the same crop for an image and its smaller copy (the caller forks the generator)
     return transform(item)
 
 
 def _to_device(batches: list, device: torch.device) -> None:
-    for images, _ in batches:
-        images.to(device, non_blocking=True)
+    for images, _ in batches:  # pinned first on a GPU host, as the loader pins its batches
+        (images.pin_memory() if device.type == "cuda" else images).to(device, non_blocking=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _smaller_copy(file: EncodedImage, short_side: int) -> EncodedImage:
-    """The image with its short side `short_side` (or as it is, if smaller), as a JPEG."""
+def _write_smaller_copy(file: EncodedImage, short_side: int, path: Path) -> Path:
+    """The image with its short side `short_side` (or as it is, if smaller), as a JPEG file."""
     image = Image.fromarray(decode_whole(file).permute(1, 2, 0).numpy())
     scale = short_side / min(image.size)
     if scale < 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=PRE_RESIZED_QUALITY)
-    return EncodedImage(file.path, np.frombuffer(buffer.getvalue(), dtype=np.uint8).copy())
+    image.save(path, "JPEG", quality=PRE_RESIZED_QUALITY)
+    return path
 
 
 def _stored_megapixels(files: list[EncodedImage]) -> float:

@@ -15,7 +15,6 @@ Read top to bottom: the table, the digits dataset, the transforms, the builders.
 
 import enum
 import functools
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -287,7 +286,7 @@ ErasingFill = Literal["mean", "noise"]
 
 def train_transform(
     spec: DatasetSpec, image_size: int, *, auto_augment: AutoAugment = "none", random_erasing: float = 0.0,
-    random_erasing_fill: ErasingFill = "mean", interpolation: Interpolation = "bilinear",
+    random_erasing_fill: ErasingFill = "mean", interpolation: Interpolation = "bilinear", full_decode: bool = False,
 ) -> transforms.Compose:  # fmt: skip
     """The training augmentation of a table row: PIL image in, normalized float tensor (C, H, W) out.
 
@@ -311,7 +310,7 @@ def train_transform(
     else:
         # An image file decoded at the scale the crop needs, as the uint8 path does; PIL
         # again for the flip and the policies, which work on PIL images here.
-        steps = [DecodeCrop(image_size, resample), transforms.ToPILImage()]
+        steps = [DecodeCrop(image_size, resample, full=full_decode), transforms.ToPILImage()]
     steps += _flip_and_policy(transforms, spec, auto_augment, resample)
     if auto_augment not in TORCHVISION_POLICIES:
         steps.append(timm_rand_augment(auto_augment, image_size, spec.stats.mean, interpolation))
@@ -493,7 +492,7 @@ def training_pipeline(
     if not augment:
         return eval_transform(spec, size, interpolation), None
     per_image = dict(auto_augment=auto_augment, random_erasing=random_erasing, random_erasing_fill=random_erasing_fill)
-    return train_transform(spec, size, interpolation=interpolation, **per_image), None
+    return train_transform(spec, size, interpolation=interpolation, full_decode=full_decode, **per_image), None
 
 
 def evaluation_pipeline(

@@ -32,7 +32,6 @@ from gtrain.errors import error_line
 EIGHTHS = (1, 2, 4, 8)  # the DCT scales used, in eighths of the stored size
 _ORIENTATION_TAG = 0x0112
 _SCALABLE_COLOURS = ("YCbCr", "Gray", "RGB")  # what libjpeg-turbo turns into RGB itself
-_EXIF_SEARCH = 65536  # an APP1 segment, where EXIF lives, is at most 64 KiB and comes first
 
 
 class EncodedImage(NamedTuple):
@@ -78,19 +77,28 @@ def probe(image: EncodedImage) -> Probe:
 
 
 def jpeg_orientation(data: np.ndarray) -> int:
-    """The EXIF orientation of a JPEG (1: as stored), read by Pillow only where the file has
-    an EXIF segment at all (most have none, and looking costs microseconds)."""
-    if data[:_EXIF_SEARCH].tobytes().find(b"Exif\x00\x00") < 0:
-        return 1
-    return _pillow_orientation(data)
+    """The EXIF orientation of a JPEG (1: as stored): its segments are walked up to the image
+    data, and an EXIF one, if any, is read by Pillow's `Image.Exif` (without opening the
+    image, which refuses very large ones)."""
+    position, end = 2, len(data)
+    while position + 4 <= end and data[position] == 0xFF:
+        marker, length = int(data[position + 1]), int(data[position + 2]) << 8 | int(data[position + 3])
+        if marker == 0xDA or length < 2:  # the image data starts: no EXIF before it
+            break
+        segment = data[position + 4 : position + 2 + length].tobytes()
+        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
+            return _orientation_of(segment)
+        position += 2 + length
+    return 1
 
 
-def _pillow_orientation(data: np.ndarray) -> int:
+def _orientation_of(exif_segment: bytes) -> int:
     try:
-        with Image.open(io.BytesIO(data.tobytes())) as image:
-            orientation = image.getexif().get(_ORIENTATION_TAG, 1)
-    except (OSError, ValueError, UnidentifiedImageError, SyntaxError):
-        return 1  # unreadable EXIF: the image as stored
+        exif = Image.Exif()
+        exif.load(exif_segment)
+        orientation = exif.get(_ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001  damaged EXIF of any kind: the image as stored
+        return 1
     return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 
 
@@ -118,6 +126,17 @@ def decode_upright(image: EncodedImage, found: Probe, eighths: int) -> Image.Ima
         return None
     method = _TRANSPOSES.get(found.orientation)
     return Image.fromarray(pixels).transpose(method) if method is not None else Image.fromarray(pixels)
+
+
+def scaled_origin(found: Probe, eighths: int) -> tuple[float, float]:
+    """Where the image's top-left corner lies in `decode_upright`'s image, in its pixels.
+    libjpeg-turbo's last row and column at a smaller scale reach past the image (they cover
+    the encoder's padding); an orientation that flips an axis brings them to the start."""
+    s = eighths / 8
+    stored_h, stored_w = (found.width, found.height) if found.orientation >= 5 else (found.height, found.width)
+    pad_h, pad_w = math.ceil(stored_h * s) - stored_h * s, math.ceil(stored_w * s) - stored_w * s
+    pad_x, pad_y = (pad_h, pad_w) if found.orientation >= 5 else (pad_w, pad_h)  # displayed x is stored y
+    return (pad_x if found.orientation in (2, 3, 6, 7) else 0.0), (pad_y if found.orientation in (3, 4, 7, 8) else 0.0)
 
 
 def decode_stored(image: EncodedImage, found: Probe, eighths: int) -> np.ndarray | None:
@@ -152,13 +171,11 @@ def decode_whole(image: EncodedImage) -> torch.Tensor:
     if data.size == 0:
         raise OSError(f"cannot decode the image {path}: the file is empty")
     try:
-        pixels = decode_image(torch.from_numpy(data), mode="RGB")
+        pixels = decode_image(torch.from_numpy(data), mode="RGB")  # uint8, 16-bit PNGs included
     except (RuntimeError, ValueError):
         return _pillow_decode(image)  # not a format TorchCodec decodes, or damaged: Pillow says which
     if pixels.dim() == 4:  # an animated GIF or WebP: its frames
         pixels = pixels[0]
-    if pixels.dtype != torch.uint8:  # a 16-bit PNG
-        pixels = (pixels.float() * (255 / 65535)).round().to(torch.uint8)
     return pixels  # TorchCodec applies the EXIF orientation itself (tested for JPEG, PNG and WebP)
 
 
@@ -169,14 +186,8 @@ def _pillow_decode(image: EncodedImage) -> torch.Tensor:
             return F.pil_to_tensor(upright)
     except UnidentifiedImageError:
         raise OSError(f"cannot decode the image {image.path}: neither TorchCodec nor Pillow reads its format") from None
-    except (OSError, ValueError, SyntaxError) as error:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise OSError(f"cannot decode the image {image.path}: {error_line(error)}") from None
-
-
-def read_image_file(path: str) -> torch.Tensor:
-    """An image file as uint8 (3, H, W), upright and whole; a file that cannot be read raises
-    OSError naming it, as `open` does."""
-    return decode_whole(read_encoded(path))
 
 
 def as_upright_tensor(image: Any) -> torch.Tensor:
@@ -225,9 +236,10 @@ class DecodeCrop:
                 if eighths == 8:
                     return decode(item, found), (top, left, height, width)
                 scaled = decode_upright(item, found, eighths)
-                if scaled is not None:
-                    s = eighths / 8
-                    return scaled, (left * s, top * s, (left + width) * s, (top + height) * s)
+                if scaled is None:  # damaged: the whole decode names the file, or reads what it can
+                    return decode_whole(item), (top, left, height, width)
+                s, (x, y) = eighths / 8, scaled_origin(found, eighths)
+                return scaled, (x + left * s, y + top * s, x + (left + width) * s, y + (top + height) * s)
             image = decode_whole(item)
         else:
             image = as_upright_tensor(item)
@@ -269,8 +281,9 @@ class DecodeResizeCrop:
                 if scaled is not None:
                     # The whole image's extent at the decoded scale, to the sub-pixel.
                     s, (height, width) = eighths / 8, resized_size(found.height, found.width, self.resize)
+                    x, y = scaled_origin(found, eighths)
                     resized = scaled.resize((width, height), _PILLOW[self.interpolation],
-                                            box=(0, 0, found.width * s, found.height * s))  # fmt: skip
+                                            box=(x, y, x + found.width * s, y + found.height * s))  # fmt: skip
                     return F.center_crop(_tensor(resized), [self.size, self.size])
             image = decode(item, found)
         else:
