@@ -19,6 +19,7 @@ from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
+from gtrain.data.randomness import drawn_from
 from gtrain.data.images import DecodeCrop, EncodedImage, decode_whole, probe, read_encoded
 
 PRE_RESIZED_QUALITY = 90  # JPEG quality of the smaller copies
@@ -66,7 +67,7 @@ def image_costs(dataset, *, batch_size: int, device: torch.device, samples: int 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a worker
     try:
-        with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="gtrain-smaller-") as folder:
+        with tempfile.TemporaryDirectory(prefix="gtrain-smaller-") as folder:
             return _timed_stages(chosen, steps[0], v2.Compose(steps[1:]), batch_size, device, Path(folder))
     finally:
         torch.set_num_threads(threads)
@@ -103,8 +104,8 @@ class _StageTimer:
 
 
 def _seeded(index: int, transform, item):
-    torch.manual_seed(index)  # the same crop for an image and its smaller copy (the caller forks the generator)
-    return transform(item)
+    with drawn_from(index):  # as the loader seeds an image; the same crop for an image and its smaller copy
+        return transform(item)
 
 
 def _to_device(batches: list, device: torch.device) -> None:
