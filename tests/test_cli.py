@@ -172,10 +172,18 @@ def test_bench_json_reports_throughput_flops_and_mfu():
     "workers, decode, name, content",
     [(0, "cpu", "broken.png", b"\x89PNG not really"), (1, "cpu", "broken.png", b"\x89PNG not really"),
      (1, "device", "broken.jpg", b"\xff\xd8\xff\xe0 not really"), (0, "cpu", "empty.jpg", b""),
-     (1, "device", "empty.jpg", b"")],
+     (1, "device", "empty.jpg", b""), (1, "cpu", "truncated.jpg", "half a photo")],
 )  # fmt: skip
 def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path, imagefolder_root, workers, decode, name, content):
     broken = next((imagefolder_root / "train").iterdir()) / name
+    if content == "half a photo":  # a real JPEG cut short, as an interrupted copy leaves it
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (96, 64), (200, 90, 40)).save(buffer, "JPEG")
+        content = buffer.getvalue()[: len(buffer.getvalue()) // 2]
     broken.write_bytes(content)
     result = invoke("fit", *TINY, "--set", "data.dataset=ImageFolder", "--set", f"data.root={imagefolder_root}",
                     "--set", f"data.workers={workers}", "--set", "data.batch_size=8", "--set", "train.epochs=1",

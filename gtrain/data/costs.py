@@ -75,32 +75,41 @@ def image_costs(dataset, *, batch_size: int, device: torch.device, samples: int 
 
 def _timed_stages(samples: list[tuple[str, int]], crop: DecodeCrop, augment, batch_size: int, device: torch.device,
                   folder: Path) -> ImageCosts:  # fmt: skip
-    timer = _StageTimer(len(samples))
-    files = timer("read", lambda: [read_encoded(path) for path, _ in samples])
-    decoded = timer("decode", lambda: [_seeded(i, crop.decoded, file) for i, file in enumerate(files)])
-    crops = timer("crop_resize", lambda: [crop.cropped(image, box) for image, box in decoded])
-    augmented = timer("augment", lambda: [_seeded(i, augment, image) for i, image in enumerate(crops)])
-    pairs = [(image, label) for image, (_, label) in zip(augmented, samples, strict=True)]
-    batches = timer("collate", lambda: [default_collate(pairs[k : k + batch_size]) for k in range(0, len(pairs), batch_size)])
-    timer("transfer", lambda: _to_device(batches, device))
-    side = 2 * crop.size
-    copies = [_write_smaller_copy(file, side, folder / f"{i}.jpg") for i, file in enumerate(files)]
-    smaller = timer("pre_resized_read", lambda: [read_encoded(str(copy)) for copy in copies])
-    timer("pre_resized", lambda: [_seeded(i, crop, file) for i, file in enumerate(smaller)])
-    stages = {name: timer.ms[name] for name in STAGES}
-    return ImageCosts(samples=len(samples), **stages, stored_pixels=_stored_megapixels(files), pre_resized_side=side,
-                      pre_resized_read=timer.ms["pre_resized_read"], pre_resized_decode_crop=timer.ms["pre_resized"])  # fmt: skip
+    """One image at a time through the stages, as a worker takes it (holding every decoded
+    photo at once would measure the memory it takes, not the work)."""
+    timer, side = _StageTimer(len(samples)), 2 * crop.size
+    pairs, copies, pixels = [], [], []
+    for index, (path, label) in enumerate(samples):
+        file = timer("read", read_encoded, path)
+        image, box = timer("decode", _seeded, index, crop.decoded, file)
+        cropped = timer("crop_resize", crop.cropped, image, box)
+        pairs.append((timer("augment", _seeded, index, augment, cropped), label))
+        pixels.append(_image_pixels(file))
+        copies.append(_write_smaller_copy(file, side, folder / f"{index}.jpg"))
+    batches = [timer("collate", default_collate, pairs[k : k + batch_size]) for k in range(0, len(pairs), batch_size)]
+    timer("transfer", _to_device, batches, device)
+    for index, copy in enumerate(copies):
+        smaller = timer("pre_resized_read", read_encoded, str(copy))
+        timer("pre_resized", _seeded, index, crop, smaller)
+    return ImageCosts(samples=len(samples), **{name: timer.ms(name) for name in STAGES},
+                      stored_pixels=float(np.mean(pixels)) / 1e6, pre_resized_side=side,
+                      pre_resized_read=timer.ms("pre_resized_read"), pre_resized_decode_crop=timer.ms("pre_resized"))  # fmt: skip
 
 
 class _StageTimer:
-    def __init__(self, images: int):
-        self.images, self.ms = images, {}
+    """Seconds spent in each stage, summed over calls; `ms`: per image."""
 
-    def __call__(self, name: str, work):
+    def __init__(self, images: int):
+        self.images, self.seconds = images, {}
+
+    def __call__(self, name: str, work, *args):
         start = time.perf_counter()
-        result = work()
-        self.ms[name] = (time.perf_counter() - start) * 1000 / self.images
+        result = work(*args)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         return result
+
+    def ms(self, name: str) -> float:
+        return self.seconds[name] * 1000 / self.images
 
 
 def _seeded(index: int, transform, item):
@@ -117,7 +126,7 @@ def _to_device(batches: list, device: torch.device) -> None:
 
 def _write_smaller_copy(file: EncodedImage, short_side: int, path: Path) -> Path:
     """The image with its short side `short_side` (or as it is, if smaller), as a JPEG file."""
-    image = Image.fromarray(decode_whole(file).permute(1, 2, 0).numpy())
+    image = Image.fromarray(decode_whole(file).permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
     scale = short_side / min(image.size)
     if scale < 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
@@ -125,9 +134,6 @@ def _write_smaller_copy(file: EncodedImage, short_side: int, path: Path) -> Path
     return path
 
 
-def _stored_megapixels(files: list[EncodedImage]) -> float:
-    sizes = []
-    for file in files:
-        found = probe(file)
-        sizes.append(found.height * found.width if found.scalable else decode_whole(file)[0].numel())
-    return float(np.mean(sizes)) / 1e6
+def _image_pixels(file: EncodedImage) -> int:
+    found = probe(file)
+    return found.height * found.width if found.scalable else decode_whole(file)[0].numel()

@@ -106,7 +106,7 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """A (C, H, W) image as displayed, from its stored pixels and EXIF orientation: the
     transposes Pillow's `ImageOps.exif_transpose` makes, as views."""
     if orientation in (5, 6, 7, 8):
-        image = image.transpose(-1, -2)  # 5 is the transpose alone; 6-8 add flips to it
+        image = image.transpose(-1, -2)  # (C, H, W) -> (C, W, H): 5 is this alone; 6-8 add flips
     flips = {2: (-1,), 3: (-1, -2), 4: (-2,), 6: (-1,), 7: (-1, -2), 8: (-2,)}.get(orientation)
     return image.flip(flips) if flips else image
 
@@ -116,7 +116,8 @@ def decode(image: EncodedImage, found: Probe, *, fast: bool = False) -> torch.Te
     pixels = decode_stored(image, found, 8, fast=fast) if found.scalable else None
     if pixels is None:
         return decode_whole(image)
-    return orient(torch.from_numpy(pixels).permute(2, 0, 1), found.orientation)
+    stored = torch.from_numpy(pixels).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W), a view
+    return orient(stored, found.orientation)
 
 
 def decode_upright(image: EncodedImage, found: Probe, eighths: int, *, fast: bool = False) -> Image.Image | None:
@@ -204,7 +205,7 @@ _PILLOW = {InterpolationMode.BILINEAR: Image.Resampling.BILINEAR, InterpolationM
 
 
 def _tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W), a view
 
 
 def _scale_for(*sides: float, target: int, allowed: tuple[int, ...] = EIGHTHS) -> int:
