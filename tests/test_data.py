@@ -378,21 +378,21 @@ def test_image_folder_training_reads_uint8_through_torchvision_io_and_timm_randa
 
 def test_decoding_on_the_device_gives_the_batches_of_decoding_in_the_workers(tmp_path):
     """data.decode = "device" (nvJPEG on CUDA; here the CPU): the same pixels, crops, flips,
-    TrivialAugment and erasing as decoding in the loader, batch for batch, for JPEGs and
-    for the PNG among them, which the device path decodes on the CPU."""
+    TrivialAugment and erasing as decoding whole in the loader ("cpu-full"), batch for
+    batch, for JPEGs and for the PNG among them, which the device path decodes on the CPU."""
     from gtrain.data.loaders import build_loaders
     from gtrain.distributed import World
 
     root = write_image_folder(tmp_path / "jpegs", size=40, suffix=".jpg", images_per_class={"train": 6, "val": 2})
     photo_like(0, (40, 48)).save(root / "train" / "cat" / "png.png")
     batches = {}
-    for decode in ("cpu", "device"):
+    for decode in ("cpu-full", "device"):
         data = data_from("ImageFolder", root, image_size=24, auto_augment="trivialaugment",
                           random_erasing=0.5, decode=decode)  # fmt: skip
         train, _, _ = build_loaders(data, global_batch=8, seed=3, workers=0, device=torch.device("cpu"), world=World())
         batches[decode] = [(images.clone(), labels) for images, labels in train]
-    assert len(batches["cpu"]) == 2
-    for (cpu_images, cpu_labels), (device_images, device_labels) in zip(batches["cpu"], batches["device"], strict=True):
+    assert len(batches["cpu-full"]) == 2
+    for (cpu_images, cpu_labels), (device_images, device_labels) in zip(batches["cpu-full"], batches["device"], strict=True):
         assert torch.equal(cpu_labels, device_labels) and torch.equal(cpu_images, device_images)
 
 

@@ -26,7 +26,7 @@ from tests.conftest import write_image_folder
 README = Path(__file__).resolve().parent.parent / "README.md"
 RECIPES_DOC = README.parent / "docs" / "recipes.md"
 # Measured on a CPU, no published training to follow: their headers state the evidence.
-OWN_RECIPES = {"quickstart", "quickstart_hornet"}
+OWN_RECIPES = {"quickstart", "quickstart_hornet", "finetune_resnext50_32x4d"}
 REFERENCE_START = "<!-- recipe-reference:start -->\n"
 REFERENCE_END = "<!-- recipe-reference:end -->"
 TUTORIAL_RECIPE = re.compile(r"<!-- tutorial-recipe -->\n```toml\n(.*?)```", re.DOTALL)
