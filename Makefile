@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/gtrain fit quickstart
 
+# Bytecode is cached even where the environment asks Python not to: the suite starts about
+# a hundred gtrain processes, and each would compile gtrain's sources again.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	PYTHONDONTWRITEBYTECODE= $(VENV)/bin/python -m pytest -q
 
 # Rewrites the generated parts of README.md (the recipe reference) from the code.
 docs: $(STAMP)

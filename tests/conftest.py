@@ -31,13 +31,16 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def gtrain_command(*args, torchrun: int = 0, restarts: int = 0) -> list[str]:
+def gtrain_command(*args, torchrun: int = 0, restarts: int = 0, monitor_interval_s: float | None = None) -> list[str]:
     """`python -m gtrain ARGS`, or with `torchrun` > 0 the same under `torchrun --standalone`
-    with that many processes (and `restarts` restarts after a failure)."""
+    with that many processes (and `restarts` restarts after a failure; `monitor_interval_s`:
+    how often torchrun looks for a dead process, its default where None)."""
     launcher = []
     if torchrun:
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}",
                     f"--max-restarts={restarts}"]  # fmt: skip
+        if monitor_interval_s is not None:
+            launcher.append(f"--monitor-interval={monitor_interval_s}")
     return [sys.executable, *launcher, "-m", "gtrain", *map(str, args)]
 
 
@@ -55,12 +58,12 @@ def clean_environment(fault: str = "", *, threads: int | None = None, **extra: s
 
 
 def run_gtrain(*args, fault: str = "", torchrun: int = 0, restarts: int = 0, threads: int | None = None,
-               timeout: float = 300) -> SimpleNamespace:  # fmt: skip
+               timeout: float = 300, monitor_interval_s: float | None = None) -> SimpleNamespace:  # fmt: skip
     """`gtrain ARGS` as a real process (see `gtrain_command`), so that signals, SIGKILL and
     process groups are real: its returncode, stdout and stderr. The output goes to files,
     not pipes: DataLoader workers that outlive a killed process hold a pipe open for up to
     5 s, until they notice their parent is gone, and reading it would wait for them."""
-    command = gtrain_command(*args, torchrun=torchrun, restarts=restarts)
+    command = gtrain_command(*args, torchrun=torchrun, restarts=restarts, monitor_interval_s=monitor_interval_s)
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         done = subprocess.run(command, stdout=stdout, stderr=stderr, text=True, timeout=timeout,
                               env=clean_environment(fault, threads=threads))  # fmt: skip

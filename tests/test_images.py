@@ -11,7 +11,7 @@ from sklearn.datasets import load_sample_image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.functional import pil_to_tensor
 
-from conftest import invoke
+from tests.conftest import invoke
 from gtrain.data.images import DecodeCrop, DecodeResizeCrop, EncodedImage, _scale_for, decode, decode_whole, probe
 
 BILINEAR, BICUBIC = InterpolationMode.BILINEAR, InterpolationMode.BICUBIC
@@ -203,7 +203,7 @@ def test_a_photo_stored_sideways_is_predicted_like_the_same_photo_turned_by_hand
     PIL image) see the upright photo."""
     import json
 
-    from conftest import write_image_folder
+    from tests.conftest import write_image_folder
     from gtrain.predict import Classifier
 
     root = write_image_folder(tmp_path / "data", size=32)
