@@ -117,6 +117,12 @@ class DataSection(Section):
             "(sections m<int>, n<int>, mstd<float>, mmax<int>, inc<0|1>, p<float>, t<set>; e.g. rand-m9-mstd0.5-inc1)"
         )
 
+    @property
+    def full_decode(self) -> bool:
+        """Image files decoded whole, never at a smaller scale (the training crops, the
+        validation, and the weights' metadata, so that eval and predict decode the same way)."""
+        return self.decode == "cpu-full"
+
 
 class OptimSection(Section):
     """The optimizer and the learning-rate schedule, stepped every iteration."""

@@ -562,7 +562,7 @@ def build_data(data: DataSection, *, download: bool = False) -> DataBundle:
             f"data.eval_image_size and data.eval_resize_size are for data that is cropped to be evaluated "
             f"(ImageFolder, photo datasets); {name} is evaluated whole at data.image_size: leave them unset"
         )
-    full_decode = data.decode == "cpu-full"
+    full_decode = data.full_decode
     evaluate, val_finish = evaluation_pipeline(spec, eval_image_size or size, interpolation, eval_resize_size, full_decode)
     train_tf, train_finish = training_pipeline(spec, size, pipeline, augment=augment, interpolation=interpolation,
                                                full_decode=full_decode, **per_image)  # fmt: skip

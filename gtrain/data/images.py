@@ -56,6 +56,11 @@ class Probe(NamedTuple):
     orientation: int
     scalable: bool
 
+    @property
+    def stored_size(self) -> tuple[int, int]:
+        """(height, width) as the file stores the pixels, before the orientation turns them."""
+        return (self.width, self.height) if self.orientation >= 5 else (self.height, self.width)
+
 
 def probe(image: EncodedImage) -> Probe:
     """What the header of a JPEG says, read without decoding it; any other file is not
@@ -125,8 +130,9 @@ def decode_upright(image: EncodedImage, found: Probe, eighths: int, *, fast: boo
     pixels = decode_stored(image, found, eighths, fast=fast)
     if pixels is None:
         return None
-    method = _TRANSPOSES.get(found.orientation)
-    return Image.fromarray(pixels).transpose(method) if method is not None else Image.fromarray(pixels)
+    stored = torch.from_numpy(pixels).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W), a view
+    upright = orient(stored, found.orientation).permute(1, 2, 0)  # (3, H, W) -> (H, W, 3)
+    return Image.fromarray(np.ascontiguousarray(upright.numpy()))  # a copy only for a turned photo
 
 
 def scaled_origin(found: Probe, eighths: int) -> tuple[float, float]:
@@ -134,7 +140,7 @@ def scaled_origin(found: Probe, eighths: int) -> tuple[float, float]:
     libjpeg-turbo's last row and column at a smaller scale reach past the image (they cover
     the encoder's padding); an orientation that flips an axis brings them to the start."""
     s = eighths / 8
-    stored_h, stored_w = (found.width, found.height) if found.orientation >= 5 else (found.height, found.width)
+    stored_h, stored_w = found.stored_size
     pad_h, pad_w = math.ceil(stored_h * s) - stored_h * s, math.ceil(stored_w * s) - stored_w * s
     pad_x, pad_y = (pad_h, pad_w) if found.orientation >= 5 else (pad_w, pad_h)  # displayed x is stored y
     return (pad_x if found.orientation in (2, 3, 6, 7) else 0.0), (pad_y if found.orientation in (3, 4, 7, 8) else 0.0)
@@ -149,20 +155,12 @@ def decode_stored(image: EncodedImage, found: Probe, eighths: int, *, fast: bool
     training crops, not for evaluation."""
     import simplejpeg
 
-    stored_h, stored_w = (found.width, found.height) if found.orientation >= 5 else (found.height, found.width)
+    stored_h, stored_w = found.stored_size
     limits = {} if eighths == 8 else {"min_height": -(-stored_h * eighths // 8), "min_width": -(-stored_w * eighths // 8)}
     try:
         return simplejpeg.decode_jpeg(image.data, colorspace="RGB", fastdct=fast, fastupsample=fast, **limits)
     except ValueError:
         return None
-
-
-# Pillow's transposes for the EXIF orientations, as `ImageOps.exif_transpose` makes them.
-_TRANSPOSES = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}  # fmt: skip
 
 
 def decode_whole(image: EncodedImage) -> torch.Tensor:
