@@ -460,6 +460,52 @@ def recipes(
 
 
 @app.command()
+def shards(
+    source: Annotated[str, typer.Argument(help="An image folder (train/, val/, test/), or a recipe whose data to write.")],
+    out: Annotated[Path, typer.Argument(help="Folder for the shards, classes.txt and _info.json.")],
+    max_side: Annotated[
+        Optional[int], typer.Option(help="Re-encode images with a longer side as JPEGs of this side (default: keep the files).")
+    ] = None,
+    quality: Annotated[int, typer.Option(help="JPEG quality of re-encoded images.")] = 90,
+    shard_size: Annotated[str, typer.Option(help="Bytes per shard, e.g. 500MB or 1GB.")] = "500MB",
+    overrides: SetOption = None,
+) -> None:
+    """Write a dataset as WebDataset tar shards per split (KEY.jpg and KEY.cls, with timm's
+    _info.json), for `data.dataset = "shards"`. Run again after an interruption: it continues
+    after the last complete shard."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from gtrain.data.shard_writer import ShardWriterSettings, parse_size, source_of, write_shards
+    from gtrain.recipe import DataSection, load_recipe
+
+    try:
+        settings = ShardWriterSettings(max_side=max_side, quality=quality, shard_bytes=parse_size(shard_size))
+        if Path(source).is_dir():
+            data = DataSection(dataset="ImageFolder", root=source)
+        else:
+            data = load_recipe(source, overrides or [])[0].data
+        shard_source = source_of(data)
+        total = sum(len(split) for split in shard_source.splits.values())
+        columns = (TextColumn("writing shards"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"), TimeRemainingColumn())
+        with Progress(*columns, console=error_console, disable=not error_console.is_terminal) as progress:
+            task = progress.add_task("shards", total=total)
+            report = write_shards(shard_source, out, settings, advance=lambda n: progress.advance(task, n))
+    except UserError as error:
+        raise fail(error) from None
+    except OSError as error:
+        raise fail(unreadable_file(error)) from None
+    for line in report.unreadable:
+        say(f"left out, unreadable: {line}", error=False)
+    for split, written in report.written.items():
+        resumed = f" ({report.resumed[split]} were already written)" if report.resumed.get(split) else ""
+        console.print(f"{split}: {written} images in {report.shards[split]} shards{resumed}", highlight=False, markup=False)
+    if report.unreadable:
+        say(f"{len(report.unreadable)} unreadable images left out (listed above)", error=False)
+    console.print(f"wrote {printable(out)}: train from it with data.dataset = \"shards\" and data.root = \"{printable(out)}\"",
+                  highlight=False, markup=False)  # fmt: skip
+
+
+@app.command()
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of objects.")] = False,
     weights: Annotated[

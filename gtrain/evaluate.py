@@ -249,9 +249,9 @@ def eval_split(data, meta, weights: Path, *, split: str, tta: str) -> tuple[Any,
     from gtrain.data import build_eval_data, check_flip_keeps_the_class
 
     info, dataset, finish = build_eval_data(
-        data.dataset, root=Path(data.root), download=data.download, split=split, image_size=meta.image_size,
+        data.dataset, root=data.root, download=data.download, split=split, image_size=meta.image_size,
         class_names=meta.class_names, interpolation=meta.interpolation, resize_size=meta.resize_size,
-        full_decode=meta.full_decode,
+        full_decode=meta.full_decode, shard_cache_gb=data.shard_cache_gb,
     )  # fmt: skip
     if info.num_classes != meta.num_classes or info.in_chans != meta.in_chans:
         raise UserError(

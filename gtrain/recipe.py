@@ -50,9 +50,13 @@ class DataSection(Section):
     """Where the images come from, how they are batched and how they are augmented."""
 
     dataset: str = Field(
-        "digits", description='a torchvision dataset in the table of gtrain/data/datasets.py (CIFAR10, ...), "ImageFolder" or "digits"'
+        "digits", description='a torchvision dataset in the table of gtrain/data/datasets.py (CIFAR10, ...), "ImageFolder", "shards" or "digits"'
     )
-    root: str = Field("data", description="folder holding the dataset; for ImageFolder: train/, val/ and optionally test/")
+    root: str = Field(
+        "data",
+        description="folder holding the dataset; for ImageFolder: train/, val/ and optionally test/; for shards: a "
+        "folder of WebDataset .tar shards, a brace pattern or a URL",
+    )
     download: bool = Field(False, description="download a torchvision dataset into root when it is missing")
     batch_size: int = Field(
         128, ge=1, description="global batch: images per optimizer step, over all processes and micro-batches"
@@ -92,6 +96,9 @@ class DataSection(Section):
         "crop needs: 1/8, 1/4, 1/2 or whole), cpu-full (the workers, every image whole: slower, the reference) or "
         "device (training JPEGs in batches with nvJPEG on CUDA, for hosts with few CPU cores per GPU; validation "
         "stays on the CPU)",
+    )
+    shard_cache_gb: float = Field(
+        50.0, ge=0, description="shards: remote shards kept on local disk ($GTRAIN_CACHE), in GB; past it, samples are read with range requests"
     )
     interpolation: Literal["bilinear", "bicubic"] = Field(
         "bilinear", description="resampling of the train crop and the evaluation resize; saved with the weights for eval and predict"

@@ -29,6 +29,7 @@ from torchvision.datasets import ImageFolder, VisionDataset
 from torchvision.datasets.folder import default_loader, find_classes
 
 from gtrain.data.images import DecodeCrop, DecodeResizeCrop, read_encoded
+from gtrain.data.shards import ShardDataset, ShardSetLayout, find_shards
 from gtrain.errors import UserError, did_you_mean, error_line
 from gtrain.recipe import DataSection
 
@@ -122,6 +123,10 @@ DATASETS: dict[str, DatasetSpec] = {
 # treated like the ImageNet-style rows above.
 IMAGE_FOLDER = "ImageFolder"
 IMAGE_FOLDER_SPEC = DatasetSpec(_split("train", "val", "test"), None, 224, IMAGENET, False, "imagenet", True)
+# The same images as WebDataset tar shards (gtrain/data/shards.py), read by sample index.
+SHARDS = "shards"
+# The datasets whose items are image files' bytes, decoded as their crop needs.
+IMAGE_FILES = (IMAGE_FOLDER, SHARDS)
 
 
 @dataclass(frozen=True)
@@ -199,8 +204,8 @@ def batch_mix(*, mixup_alpha: float, cutmix_alpha: float, num_classes: int):
 
 
 def list_datasets() -> list[str]:
-    """The names gtrain knows: the table, then ImageFolder."""
-    return [*DATASETS, IMAGE_FOLDER]
+    """The names gtrain knows: the table, then ImageFolder and shards."""
+    return [*DATASETS, *IMAGE_FILES]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +448,7 @@ def choose_pipeline(
     spec = DATASETS.get(name, IMAGE_FOLDER_SPEC)
     timm_policy = augment and auto_augment not in TORCHVISION_POLICIES
     if decode == "device":
-        if name != IMAGE_FOLDER:
+        if name not in IMAGE_FILES:
             raise UserError(
                 f"data.decode = 'device' decodes image files, and {name} gives decoded images: "
                 "set data.decode = 'cpu', or export the images to an ImageFolder"
@@ -573,6 +578,13 @@ def build_data(data: DataSection, *, download: bool = False) -> DataBundle:
         val = _load_image_folder(_image_folder_split(root, val_split), evaluate, expected_classes=train.classes,
                                  loader=read_encoded)  # fmt: skip
         info = _image_folder_info(size, train.classes)
+    elif name == SHARDS:
+        layout = find_shards(data.root)
+        cache_bytes = int(data.shard_cache_gb * 1e9)
+        train = _load_shard_split(layout, "train", train_tf, cache_bytes)
+        classes = _shard_classes(layout, train)
+        val = _load_shard_split(layout, val_split, evaluate, cache_bytes, classes)
+        info = _image_folder_info(size, classes, name=SHARDS)
     else:
         val_split = _resolve_split(name, val_split, spec.splits)
         train = _load(name, spec.splits["train"], root=root, download=download, transform=train_tf)
@@ -587,7 +599,7 @@ def build_data(data: DataSection, *, download: bool = False) -> DataBundle:
 def build_eval_data(
     dataset: str,
     *,
-    root: Path,
+    root: Path | str,
     download: bool,
     split: str,
     image_size: int | None = None,
@@ -595,6 +607,7 @@ def build_eval_data(
     interpolation: Interpolation = "bilinear",
     resize_size: int | None = None,
     full_decode: bool = False,
+    shard_cache_gb: float = 0.0,
 ) -> tuple[DatasetInfo, Dataset, "DeviceFinish | None"]:
     """One split of a dataset with the evaluation transform, for scoring a trained model, and
     what the device does to its batches (None: the items are normalised already).
@@ -603,6 +616,13 @@ def build_eval_data(
     these, or its labels would silently mean other classes.
     """
     name = _canonical_name(dataset)
+    if name == SHARDS:
+        size = _image_size(image_size, IMAGE_FOLDER_SPEC)
+        transform, finish = evaluation_pipeline(IMAGE_FOLDER_SPEC, size, interpolation, resize_size, full_decode)
+        layout = find_shards(str(root))
+        classes = class_names or layout.class_names
+        data = _load_shard_split(layout, split, transform, int(shard_cache_gb * 1e9), classes)
+        return _image_folder_info(size, classes or _shard_classes(layout, data), name=SHARDS), data, finish
     root = Path(root)
     if name == IMAGE_FOLDER:
         size = _image_size(image_size, IMAGE_FOLDER_SPEC)
@@ -754,9 +774,9 @@ def _load_image_folder(
         raise UserError(f"ImageFolder: no images in {directory}: {error_line(err)}") from err
 
 
-def _image_folder_info(size: int, classes: list[str]) -> DatasetInfo:
+def _image_folder_info(size: int, classes: list[str] | tuple[str, ...], name: str = IMAGE_FOLDER) -> DatasetInfo:
     return DatasetInfo(
-        name=IMAGE_FOLDER,
+        name=name,
         num_classes=len(classes),
         in_chans=3,
         image_size=size,
@@ -764,6 +784,68 @@ def _image_folder_info(size: int, classes: list[str]) -> DatasetInfo:
         std=IMAGE_FOLDER_SPEC.stats.std,
         class_names=tuple(classes),
     )
+
+
+# Shards ----------------------------------------------------------------------------------------
+
+
+def raw_splits(data: DataSection) -> tuple[dict[str, Dataset], tuple[str, ...]]:
+    """Every split of a recipe's dataset without transforms, and its class names, for writing
+    it as shards: image files' bytes (`EncodedImage`) for ImageFolder and shards, PIL images
+    for the table's datasets."""
+    name = _canonical_name(data.dataset)
+    if name == IMAGE_FOLDER:
+        root = Path(data.root)
+        train = _load_image_folder(_image_folder_split(root, "train"), None, loader=read_encoded)
+        splits: dict[str, Dataset] = {"train": train}
+        for split in ("val", "test"):
+            if (root / split).is_dir():
+                splits[split] = _load_image_folder(root / split, None, expected_classes=train.classes, loader=read_encoded)
+        return splits, tuple(train.classes)
+    if name == SHARDS:
+        layout = find_shards(data.root)
+        cache_bytes = int(data.shard_cache_gb * 1e9)
+        train = _load_shard_split(layout, "train", None, cache_bytes)
+        classes = _shard_classes(layout, train)
+        splits = {"train": train}
+        splits.update({s: _load_shard_split(layout, s, None, cache_bytes, classes) for s in layout.splits if s != "train"})
+        return splits, classes
+    spec = DATASETS[name]
+    splits = {split: _load(name, kwargs, root=Path(data.root), download=data.download, transform=None)
+              for split, kwargs in spec.splits.items()}  # fmt: skip
+    assert spec.num_classes is not None
+    return splits, _class_names(splits["train"], spec.num_classes)
+
+
+
+def _load_shard_split(
+    layout: ShardSetLayout, split: str, transform: Any, cache_bytes: int, classes: tuple[str, ...] | None = None
+) -> ShardDataset:
+    """One split of a shard set; "test" falls back to "val" as for folders. With `classes`,
+    every label is checked against them."""
+    if split not in layout.splits and split == "test" and "val" in layout.splits:
+        split = "val"
+    if split not in layout.splits:
+        raise UserError(
+            f"shards: {layout.where} has no {split} shards (it has {', '.join(layout.splits) or 'none'}): write them "
+            f"with `gtrain shards`, or name them with {split}"
+        )
+    data = ShardDataset(layout.splits[split], transform=transform, cache_limit_bytes=cache_bytes, split=split)
+    if len(data) == 0:
+        raise UserError(f"shards: the {split} shards of {layout.where} hold no images with labels")
+    if classes is not None:
+        data.check_labels(len(classes))
+    return data
+
+
+def _shard_classes(layout: ShardSetLayout, train: ShardDataset) -> tuple[str, ...]:
+    """The set's class names (classes.txt), else "0" ... up to the largest training label."""
+    if layout.class_names is not None:
+        train.check_labels(len(layout.class_names))
+        return layout.class_names
+    count = int(train.labels.max()) + 1
+    train.check_labels(count)
+    return tuple(str(i) for i in range(count))
 
 
 def check_flip_keeps_the_class(dataset: str) -> None:
