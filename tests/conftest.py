@@ -161,6 +161,20 @@ def tiny_hornet(root: Path, settings: dict[str, object]) -> list[str]:
     return ["quickstart_hornet", *(arg for key, value in {**base, **settings}.items() for arg in ("--set", f"{key}={toml(value)}"))]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Shard indexes and remote shards go to a cache of the suite's own (the processes it
+    starts inherit the variable), never to the user's."""
+    os.environ["GTRAIN_CACHE"] = str(tmp_path_factory.mktemp("gtrain-cache"))
+
+
+def write_shards(folder: Path, out: Path, *options: str) -> Path:
+    """`gtrain shards FOLDER OUT OPTIONS`: the shard set's folder."""
+    result = invoke("shards", folder, out, *options)
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture
 def mnist_root(tmp_path: Path) -> Path:
     """A data root holding a 200 train / 100 test MNIST in torchvision's layout."""

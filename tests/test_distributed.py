@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import clean_environment, invoke, run_gtrain, tiny_hornet, write_image_folder, write_mnist
+from tests.conftest import clean_environment, invoke, run_gtrain, tiny_hornet, write_image_folder, write_mnist, write_shards
 
 pytestmark = pytest.mark.slow
 
@@ -81,14 +81,18 @@ def test_distributed_validation_equals_single_process_eval(two_process_run):
         assert report["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
 
 
-def test_two_processes_on_a_jpeg_folder_log_the_validation_gtrain_eval_gives(tmp_path):
+@pytest.mark.parametrize("dataset", ["ImageFolder", "shards"])
+def test_two_processes_on_a_jpeg_folder_log_the_validation_gtrain_eval_gives(tmp_path, dataset):
     """A user's folder of JPEGs read by 2 workers per process, a ResNeXt with BatchNorm, in
     fp32: each process scores whole batches of the one-process partition (21 images in
     batches of 8, 8 and 5) with the main process's BatchNorm statistics, so the logged
-    validation is `gtrain eval`'s, image for image, to the loss's last digits."""
+    validation is `gtrain eval`'s, image for image, to the loss's last digits. The same
+    JPEGs as uneven tar shards (2 or 3 images each) likewise."""
     root = write_image_folder(tmp_path / "jpegs", size=40, suffix=".jpg", images_per_class={"train": 8, "val": 7})
+    if dataset == "shards":
+        root = write_shards(root, tmp_path / "shards", "--shard-size", "3KB")
     out = tmp_path / "run"
-    result = torchrun("fit", "quickstart", "--set", "data.dataset=ImageFolder", "--set", f"data.root={root}",
+    result = torchrun("fit", "quickstart", "--set", f"data.dataset={dataset}", "--set", f"data.root={root}",
                       "--set", "data.image_size=16", "--set", "data.batch_size=8", "--set", "data.workers=2",
                       "--set", "data.auto_augment=trivialaugment", "--set", "model.stage_depths=[1, 1, 1]",
                       "--set", "train.precision=fp32", "--set", "train.epochs=2", "--set", "train.device=cpu",

@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_same_weights, invoke, run_gtrain, tiny_hornet, write_image_folder, write_mnist
+from tests.conftest import (
+    assert_same_weights, invoke, run_gtrain, tiny_hornet, write_image_folder, write_mnist, write_shards,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -160,6 +162,10 @@ PIPELINES = {
     "device-decode": ["--set", "data.decode=device", "--set", "data.auto_augment=trivialaugment",
                       "--set", "data.random_erasing=0.5"],
 }  # fmt: skip
+# The same JPEGs as tar shards (uneven: 2 to 3 images each), trained as the folder is: the
+# killed and resumed run on shards must end with the folder's uninterrupted weights.
+PIPELINES["uint8-shards"] = PIPELINES["uint8-jpeg-trivialaugment-erasing"]
+SAME_AS = {"uint8-shards": "uint8-jpeg-trivialaugment-erasing"}
 # A checkpoint every 2 steps; the kill comes after a mid-epoch one, in epoch 2 (of 3, with 3
 # steps per epoch, on the JPEGs; of 2, with 5, on the digits).
 KILL_AT = {"in-memory-digits": 7, "default": 5}
@@ -190,7 +196,17 @@ def published(tmp_path_factory):
     return folder
 
 
-def pipeline_recipe(name, jpeg_folder, published):
+@pytest.fixture(scope="module")
+def jpeg_shards(tmp_path_factory, jpeg_folder):
+    return write_shards(jpeg_folder, tmp_path_factory.mktemp("shards") / "set", "--shard-size", "3KB")
+
+
+@pytest.fixture(scope="module")
+def data_roots(jpeg_folder, jpeg_shards):
+    return {"ImageFolder": jpeg_folder, "shards": jpeg_shards}
+
+
+def pipeline_recipe(name, data_roots, published):
     common = ["quickstart", "--set", "model.stage_depths=[1, 1, 1]", "--set", "train.precision=fp32",
               "--set", "train.deterministic=true", "--set", "train.device=cpu", "--set", "train.epochs=3",
               "--set", "train.checkpoint_steps=2"]  # fmt: skip
@@ -198,20 +214,22 @@ def pipeline_recipe(name, jpeg_folder, published):
     if "train.freeze_epochs" in " ".join(PIPELINES[name]):
         common += ["--set", f"model.pretrained={weights}", "--set", f"distill.teacher={weights}"]
     if name != "in-memory-digits":
-        common += ["--set", "data.dataset=ImageFolder", "--set", f"data.root={jpeg_folder}",
+        dataset = "shards" if name == "uint8-shards" else "ImageFolder"
+        common += ["--set", f"data.dataset={dataset}", "--set", f"data.root={data_roots[dataset]}",
                    "--set", "data.image_size=16", "--set", "data.batch_size=8"]  # fmt: skip
     return common + PIPELINES[name]
 
 
 @pytest.fixture(scope="module")
-def left_alone(tmp_path_factory, jpeg_folder, published):
+def left_alone(tmp_path_factory, data_roots, published):
     """Each pipeline's uninterrupted run, with data.workers = 0: its run folder."""
     folders = {}
 
     def reference(name):
+        name = SAME_AS.get(name, name)
         if name not in folders:
             out = tmp_path_factory.mktemp(name) / "run"
-            result = invoke("fit", *pipeline_recipe(name, jpeg_folder, published), "--set", "data.workers=0", "--out", out)
+            result = invoke("fit", *pipeline_recipe(name, data_roots, published), "--set", "data.workers=0", "--out", out)
             assert result.exit_code == 0, result.output
             folders[name] = out
         return folders[name]
@@ -222,21 +240,22 @@ def left_alone(tmp_path_factory, jpeg_folder, published):
 @pytest.mark.parametrize(
     ("pipeline", "workers", "resumed_workers"),
     [("in-memory-digits", 0, 0),
-     ("uint8-jpeg-trivialaugment-erasing", 0, 0), ("uint8-jpeg-trivialaugment-erasing", 2, 2),
+     ("uint8-jpeg-trivialaugment-erasing", 2, 2), ("uint8-shards", 2, 2),
      ("float-pil-timm-randaugment", 0, 0), ("float-pil-timm-randaugment", 2, 2),
      ("device-decode", 0, 2), ("device-decode", 2, 0)],  # and workers that change on resume
 )  # fmt: skip
 def test_a_killed_run_resumes_bit_exact_on_every_pipeline_with_any_workers(
-    tmp_path, jpeg_folder, published, left_alone, pipeline, workers, resumed_workers
+    tmp_path, data_roots, published, left_alone, pipeline, workers, resumed_workers
 ):
     """SIGKILL in the middle of an epoch, after a mid-epoch checkpoint; `gtrain fit --resume`
     ends with the weights of the run left alone, tensor for tensor, whatever the number of
     workers before and after: every draw of the augmentation belongs to its image. The digits
     and the PIL pipeline also carry the fine-tuning features (published weights, frozen
-    epochs, layer decay, a teacher, balanced classes), killed after and within the frozen ones."""
+    epochs, layer decay, a teacher, balanced classes), killed after and within the frozen ones.
+    The JPEGs as uneven tar shards end with the folder's weights."""
     kill_at = KILL_AT.get(pipeline, KILL_AT["default"])
     run = tmp_path / "run"
-    killed = run_gtrain("fit", *pipeline_recipe(pipeline, jpeg_folder, published), "--set", f"data.workers={workers}",
+    killed = run_gtrain("fit", *pipeline_recipe(pipeline, data_roots, published), "--set", f"data.workers={workers}",
                         "--out", run,
                     fault=f"kill-at-step:{kill_at}")  # fmt: skip
     assert killed.returncode == -9, killed.stderr

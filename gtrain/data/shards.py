@@ -134,7 +134,7 @@ def _split_by_name(shards: list[str], root: str) -> dict[str, list[str]]:
     """Shards grouped by the split their names say; a set whose names say none is all train."""
     named = {shard: split_of(shard) for shard in shards}
     if not any(named.values()):
-        return {"train": shards}
+        return {"train": shards} if shards else {}
     unnamed = [shard for shard, split in named.items() if split is None]
     if unnamed:
         raise UserError(
@@ -221,6 +221,26 @@ def _remote_bytes(url: str, start: int | None = None, size: int | None = None) -
         raise UserError(f"shards: {url} cannot be read ({error_line(error)}): check the URL and its credentials") from None
 
 
+def _remote_size(url: str) -> int:
+    """A remote file's size in bytes (-1 where the server does not say)."""
+    try:
+        if url.startswith(("http://", "https://")):
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=60) as response:
+                return int(response.headers.get("Content-Length", -1))
+        import fsspec
+
+        filesystem, path = fsspec.core.url_to_fs(url)
+        return int(filesystem.size(path))
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            raise UserError(f"shards: {url} not found: check data.root") from None
+        raise UserError(f"shards: {url}: HTTP {error.code} {error.reason}: check the URL and its access") from None
+    except ImportError:
+        raise UserError(f"shards: {url} needs fsspec for its scheme: pip install fsspec and its s3fs or gcsfs") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise UserError(f"shards: {url} cannot be read ({error_line(error)}): check the network") from None
+
+
 class RemoteShardCache:
     """Local copies of remote shards under `cache_dir()/shards`, at most `limit_bytes` of them.
     A copy is written to a temporary file and renamed, so processes that fetch the same shard
@@ -234,12 +254,13 @@ class RemoteShardCache:
         name = Path(urllib.parse.urlparse(url).path).name
         return self.folder / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
 
-    def fetch(self, url: str) -> Path:
-        """The local copy of `url`, downloaded now if it is missing; kept only while the cache
-        has room (else the caller reads it and drops it)."""
+    def fetch(self, url: str) -> tuple[Path, bool]:
+        """A local copy of `url`, downloaded now if it is missing, and whether the cache keeps
+        it: older copies make room for it; where it does not fit, the caller indexes it and
+        removes it."""
         local = self.path(url)
         if local.is_file():
-            return local
+            return local, True
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             body = _remote_bytes(url)
@@ -248,17 +269,20 @@ class RemoteShardCache:
         with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".part-", delete=False) as part:
             part.write(body)
         os.replace(part.name, local)
-        self._evict(keep=local)
-        return local
+        return local, self._make_room(local)
 
-    def _evict(self, keep: Path) -> None:
-        copies = sorted((p for p in self.folder.iterdir() if not p.name.startswith(".")), key=_mtime)
-        total = sum(_size(p) for p in copies)
-        for copy in copies:
+    def _make_room(self, new: Path) -> bool:
+        """Remove the oldest other copies until `new` fits; False where it cannot."""
+        if _size(new) > self.limit_bytes:
+            return False
+        others = sorted((p for p in self.folder.iterdir() if not p.name.startswith(".") and p != new), key=_mtime)
+        total = _size(new) + sum(_size(p) for p in others)
+        for copy in others:
             if total <= self.limit_bytes:
                 break
             total -= _size(copy)
             copy.unlink(missing_ok=True)
+        return True
 
     def read(self, url: str, start: int, size: int) -> bytes:
         local = self.path(url)
@@ -358,19 +382,29 @@ def _truncated(shard: str, key: str, error: Exception | None = None) -> UserErro
 
 
 def load_index(tar_path: Path, shard: str) -> ShardIndex:
-    """A shard's index from the cache, built and cached when the shard is new or changed
-    (the cache entry is named by the shard's path, size and modification time)."""
+    """A local shard's index from the cache, built and cached when the shard is new or
+    changed (the cache entry is named by the shard's path, size and modification time)."""
     stat = tar_path.stat()
-    identity = f"{INDEX_VERSION}|{tar_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    cached = cache_dir() / "index" / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.npz"
+    identity = f"{tar_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return _cached_index(identity) or _store_index(identity, build_index(tar_path, shard))
+
+
+def _index_path(identity: str) -> Path:
+    return cache_dir() / "index" / f"{hashlib.sha256(f'{INDEX_VERSION}|{identity}'.encode()).hexdigest()[:24]}.npz"
+
+
+def _cached_index(identity: str) -> ShardIndex | None:
     try:
-        with np.load(cached) as stored:
+        with np.load(_index_path(identity)) as stored:
             keys = str(stored["keys"]).split("\n") if stored["offsets"].size else []
             names = str(stored["names"]).split("\n") if stored["offsets"].size else []
             return ShardIndex(keys, names, stored["offsets"], stored["sizes"], stored["labels"])
     except (OSError, KeyError, ValueError):
-        pass
-    index = build_index(tar_path, shard)
+        return None
+
+
+def _store_index(identity: str, index: ShardIndex) -> ShardIndex:
+    cached = _index_path(identity)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cached.parent, prefix=".part-", suffix=".npz", delete=False) as part:
@@ -406,8 +440,17 @@ class ShardDataset(Dataset):
 
     def _index(self, shard: str) -> ShardIndex:
         if is_remote(shard):
-            local = self.remote.fetch(shard)
-            return load_index(local, shard)
+            # Named by URL and size (one HEAD request): a set's index is built once, not at every start.
+            identity = f"{shard}|{_remote_size(shard)}"
+            index = _cached_index(identity)
+            if index is None:
+                local, kept = self.remote.fetch(shard)
+                try:
+                    index = _store_index(identity, build_index(local, shard))
+                finally:
+                    if not kept:
+                        local.unlink(missing_ok=True)
+            return index
         path = Path(shard.removeprefix("file://"))
         if not path.is_file():
             raise UserError(f"shards: {shard} does not exist: check data.root")
