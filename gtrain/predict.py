@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image, ImageOps
@@ -32,6 +32,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from gtrain.checkpoint import WeightsMeta, load_model
 from gtrain.errors import UserError, error_line
+from gtrain.recipe import DataSection
 from gtrain.run_folder import weights_file
 
 # What a folder is searched for: the image types torchvision's ImageFolder reads with PIL.
@@ -82,10 +83,26 @@ class ImageReader:
     def __init__(self, transform, photo: bool):
         self.transform, self.photo = transform, photo
 
-    def __call__(self, path: Path) -> torch.Tensor:
+    def __call__(self, item: "Path | ShardSample") -> torch.Tensor:
         from gtrain.data.images import read_encoded
 
-        return self.transform(read_encoded(str(path)) if self.photo else read_image(path))
+        encoded = item.read() if isinstance(item, ShardSample) else read_encoded(str(item)) if self.photo else None
+        if self.photo:
+            return self.transform(encoded)
+        return self.transform(read_image(io.BytesIO(encoded.data.tobytes()) if encoded is not None else item))
+
+
+class ShardSample(NamedTuple):
+    """Image `index` of a shard set, as an input to classify; named "SHARD:KEY.jpg"."""
+
+    shards: Any  # gtrain.data.shards.ShardDataset
+    index: int
+
+    def read(self):
+        return self.shards.read(self.index)
+
+    def __str__(self) -> str:
+        return ":".join(self.shards.location(self.index))
 
 
 class Classifier:
@@ -190,7 +207,7 @@ class Classifier:
         ]
 
 
-def read_image(path: Path) -> Image.Image:
+def read_image(path: "Path | io.BytesIO") -> Image.Image:
     with Image.open(path) as image:
         image.load()  # decode now, inside the caller's error handling, not lazily later
         return ImageOps.exif_transpose(image)
@@ -200,12 +217,18 @@ def read_image(path: Path) -> Image.Image:
 # The command: inputs, a loader over them, the records written
 
 
-def find_images(inputs: Iterable[str]) -> list[Path]:
+def find_images(inputs: Iterable[str]) -> "list[Path | ShardSample]":
     """Image files named, found in folders (recursively, by suffix, sorted), or listed one per
     line in @LIST files (blank lines and # comments skipped; paths relative to the current
-    folder); a file named outright is tried whatever its suffix."""
-    found: list[Path] = []
+    folder); a file named outright is tried whatever its suffix. Tar shards (a .tar file, a
+    brace pattern or URL of them, or those in a folder) give every image they hold."""
+    from gtrain.data.shards import expand_braces, is_remote
+
+    found: list[Path | ShardSample] = []
     for item in inputs:
+        if item.endswith(".tar") or "{" in item or is_remote(item):
+            found += shard_samples(expand_braces(item) if "{" in item else [item])
+            continue
         if item.startswith("@"):
             listing = Path(item[1:])
             try:
@@ -215,6 +238,7 @@ def find_images(inputs: Iterable[str]) -> list[Path]:
             found += [Path(line.strip()) for line in lines if line.strip() and not line.strip().startswith("#")]
         elif Path(item).is_dir():
             found += sorted(p for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found += shard_samples(sorted(str(p) for p in Path(item).rglob("*.tar")))
         elif Path(item).exists():
             found.append(Path(item))
         else:
@@ -226,11 +250,20 @@ def find_images(inputs: Iterable[str]) -> list[Path]:
     return found
 
 
+def shard_samples(shards: list[str]) -> list[ShardSample]:
+    if not shards:
+        return []
+    from gtrain.data.shards import ShardDataset
+
+    dataset = ShardDataset(shards, cache_limit_bytes=int(DataSection().shard_cache_gb * 1e9))
+    return [ShardSample(dataset, index) for index in range(len(dataset))]
+
+
 class ImageFiles(Dataset):
     """Image i of `paths`, read by `read_file`, or a zero image and the reason it could not be
     read: one unreadable file must not stop the others."""
 
-    def __init__(self, paths: list[Path], read_file: ImageReader, shape: tuple[int, int, int]):
+    def __init__(self, paths: "list[Path | ShardSample]", read_file: ImageReader, shape: tuple[int, int, int]):
         self.paths, self.read_file, self.shape = paths, read_file, shape
 
     def __len__(self) -> int:

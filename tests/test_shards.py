@@ -233,3 +233,18 @@ def test_a_torchvision_dataset_is_written_losslessly_with_its_class_names(tmp_pa
     for index in (0, 100, len(digits) - 1):
         pixels = np.asarray(Image.open(io.BytesIO(test.read(index).data.tobytes())))
         assert np.array_equal(pixels, digits.data[index])
+
+
+def test_predict_over_a_shard_set_gives_what_it_gives_for_the_folders_files(tmp_path, jpegs):
+    shards = write_shards(jpegs, tmp_path / "shards", "--shard-size", "4KB")
+    assert fit_on("ImageFolder", jpegs, tmp_path / "run").exit_code == 0
+    records = {}
+    last = len(json.loads((shards / "_info.json").read_text())["splits"]["val"]["filenames"]) - 1
+    for name, source in (("files", jpegs / "val"), ("shards", f"{shards}/jpegs-val-{{0000..{last:04d}}}.tar")):
+        out = tmp_path / f"{name}.jsonl"
+        result = invoke("predict", tmp_path / "run", source, "--out", out, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        records[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records["shards"]) == len(records["files"]) == 9
+    assert records["shards"][0]["path"].endswith(".tar:00000000-0.jpg")
+    assert [r["predictions"] for r in records["shards"]] == [r["predictions"] for r in records["files"]]

@@ -51,6 +51,7 @@ CLASSES_FILE = "classes.txt"
 # (imagenet1k-train-0000.tar, imagenet1k-validation-00.tar).
 SPLIT_WORDS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 INDEX_VERSION = 1  # bumped when the cached index's contents change
+NO_LABEL = np.iinfo(np.int64).min  # a sample without a .cls: refused in training, fine to predict
 
 
 def cache_dir() -> Path:
@@ -326,7 +327,7 @@ class ShardIndex:
 
 def build_index(tar_path: Path, shard: str) -> ShardIndex:
     """Read a shard's tar headers (and its tiny .cls members) into its index. A truncated
-    shard or a sample without a label is one line naming the shard and the key."""
+    shard is one line naming the shard and the last key read."""
     samples: dict[str, dict[str, Any]] = {}
     file_size = tar_path.stat().st_size
     last_key = "its first sample"
@@ -359,12 +360,9 @@ def build_index(tar_path: Path, shard: str) -> ShardIndex:
     for key, sample in samples.items():
         if "image" not in sample:
             continue  # a sample of other members (text, metadata) only
-        if "label" not in sample:
-            raise UserError(
-                f"shards: {shard}: sample {key} has no label ({key}.{LABEL_EXTENSION}): add one, or leave the sample out"
-            )
         name, offset, size = sample["image"]
-        keys.append(key), names.append(name), offsets.append(offset), sizes.append(size), labels.append(sample["label"])
+        keys.append(key), names.append(name), offsets.append(offset), sizes.append(size)
+        labels.append(sample.get("label", NO_LABEL))
     as_int = lambda values: np.asarray(values, dtype=np.int64)  # noqa: E731
     return ShardIndex(keys, names, as_int(offsets), as_int(sizes), as_int(labels))
 
@@ -487,6 +485,13 @@ class ShardDataset(Dataset):
 
     def check_labels(self, num_classes: int) -> None:
         """Every label is a class index: one line naming the shard and the key where one is not."""
+        missing = np.flatnonzero(self.labels == NO_LABEL)
+        if missing.size:
+            shard, name = self.location(int(missing[0]))
+            key = name.partition(".")[0]
+            raise UserError(
+                f"shards: {shard}: sample {key} has no label ({key}.{LABEL_EXTENSION}): add one, or leave the sample out"
+            )
         bad = np.flatnonzero((self.labels < 0) | (self.labels >= num_classes))
         if bad.size:
             shard, name = self.location(int(bad[0]))
