@@ -8,7 +8,7 @@ import pytest
 
 from gtrain.bench import BenchResult, BenchSettings, format_rows, forward_flops, peak_tflops, run_bench
 from gtrain.errors import UserError
-from tests.conftest import invoke
+from tests.conftest import invoke, write_shards
 
 TINY = dict(batch_size=4, image_size=16, steps=2, warmup=1, repeats=2, device="cpu")
 
@@ -94,12 +94,15 @@ def test_peak_table_tells_close_gpu_names_apart(device_name, precision, peak):
     [
         ([], "in-memory (uint8 images held on the device"),
         (["data.dataset=ImageFolder", "data.image_size=16", "data.batch_size=8", "data.workers=0"], "uint8 (uint8 crops"),
+        (["data.dataset=shards", "data.image_size=16", "data.batch_size=8", "data.workers=0"], "uint8 (uint8 crops"),
     ],
 )
-def test_bench_data_says_whether_the_loader_or_the_model_limits_the_recipe(settings, path, imagefolder_root):
+def test_bench_data_says_whether_the_loader_or_the_model_limits_the_recipe(settings, path, imagefolder_root, tmp_path):
     args = [arg for setting in settings for arg in ("--set", setting)]
     if settings:
-        args += ["--set", f"data.root={imagefolder_root}"]
+        shards = "data.dataset=shards" in settings
+        root = write_shards(imagefolder_root, tmp_path / "shards") if shards else imagefolder_root
+        args += ["--set", f"data.root={root}"]
     result = invoke("bench", "--data", "quickstart", *args, "--batches", 5, "--warmup", 1, "--steps", 1, "--repeats", 1,
                     "--device", "cpu", "--json")  # fmt: skip
     assert result.exit_code == 0, result.output

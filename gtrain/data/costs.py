@@ -7,8 +7,10 @@ thread, as a DataLoader worker runs it; the workers run these stages in parallel
 loader's images/s is about workers / (the sum of the worker stages).
 """
 
+import functools
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from torchvision.transforms import v2
 
 from gtrain.data.randomness import drawn_from
 from gtrain.data.images import DecodeCrop, EncodedImage, decode_whole, probe, read_encoded
+from gtrain.data.shards import ShardDataset
 
 PRE_RESIZED_QUALITY = 90  # JPEG quality of the smaller copies
 STAGES = ("read", "decode", "crop_resize", "augment", "collate", "transfer")
@@ -57,13 +60,16 @@ class ImageCosts:
 
 
 def image_costs(dataset, *, batch_size: int, device: torch.device, samples: int = 64) -> ImageCosts | None:
-    """The stages of `dataset`'s items, where it is an image folder that `DecodeCrop` decodes
-    (None for data held in memory or decoded on the device)."""
+    """The stages of `dataset`'s items, where it is an image folder or a shard set that
+    `DecodeCrop` decodes (None for data held in memory or decoded on the device)."""
     steps = getattr(getattr(dataset, "transform", None), "transforms", None)
-    if not isinstance(dataset, ImageFolder) or not steps or not isinstance(steps[0], DecodeCrop):
+    if not isinstance(dataset, (ImageFolder, ShardDataset)) or not steps or not isinstance(steps[0], DecodeCrop):
         return None
-    picked = np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int)
-    chosen = [dataset.samples[i] for i in picked]
+    picked = np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int).tolist()
+    if isinstance(dataset, ShardDataset):
+        chosen = [(functools.partial(dataset.read, i), dataset.targets[i]) for i in picked]
+    else:
+        chosen = [(functools.partial(read_encoded, dataset.samples[i][0]), dataset.samples[i][1]) for i in picked]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a worker
     try:
@@ -73,14 +79,14 @@ def image_costs(dataset, *, batch_size: int, device: torch.device, samples: int 
         torch.set_num_threads(threads)
 
 
-def _timed_stages(samples: list[tuple[str, int]], crop: DecodeCrop, augment, batch_size: int, device: torch.device,
+def _timed_stages(samples: list[tuple[Callable[[], EncodedImage], int]], crop: DecodeCrop, augment, batch_size: int, device: torch.device,
                   folder: Path) -> ImageCosts:  # fmt: skip
     """One image at a time through the stages, as a worker takes it (holding every decoded
     photo at once would measure the memory it takes, not the work)."""
     timer, side = _StageTimer(len(samples)), 2 * crop.size
     pairs, copies, pixels = [], [], []
-    for index, (path, label) in enumerate(samples):
-        file = timer("read", read_encoded, path)
+    for index, (read, label) in enumerate(samples):
+        file = timer("read", read)
         image, box = timer("decode", _seeded, index, crop.decoded, file)
         cropped = timer("crop_resize", crop.cropped, image, box)
         pairs.append((timer("augment", _seeded, index, augment, cropped), label))
