@@ -4,7 +4,8 @@
    the recipe's data and loader (2 workers) and takes one batch; the time from building the
    data to holding the batch (imports excluded: the same for both). The folder lists its
    100,000 files; the shards read their cached index ("warm"; "cold" is the first start,
-   which builds the index). Median of `--repeats` starts, alternated.
+   which builds the index). Median of `--repeats` starts, alternated. Also the time to the
+   datasets alone (before the loader starts its workers).
 2. Loader images/s on the same images: `--batches` batches of 64 at 56 px after the first,
    2 workers, RandomResizedCrop and flip, as `gtrain fit` builds the loader.
 3. Phone-size photos: 4032x3024 JPEGs in a folder against the same photos written with
@@ -35,9 +36,10 @@ from gtrain.recipe import DataSection
 import torch
 imported = time.perf_counter()
 data = build_data(DataSection(dataset=sys.argv[1], root=sys.argv[2], image_size=56, workers=2, batch_size=64))
+built = time.perf_counter()
 train, sampler, _ = build_loaders(data, global_batch=64, seed=0, workers=2, device=torch.device("cpu"), world=World())
 next(iter(train.loader))
-print(time.perf_counter() - imported)
+print(built - imported, time.perf_counter() - imported)
 """
 
 
@@ -66,9 +68,11 @@ def write_shards(folder: Path, out: Path, *options: str) -> float:
     return time.perf_counter() - start
 
 
-def first_batch_s(dataset: str, root: Path) -> float:
+def first_batch_s(dataset: str, root: Path) -> tuple[float, float]:
+    """Seconds from the recipe to its datasets, and to the first batch."""
     done = subprocess.run([sys.executable, "-c", FIRST_BATCH, dataset, str(root)], check=True, capture_output=True, text=True)
-    return float(done.stdout.strip().splitlines()[-1])
+    built, batch = map(float, done.stdout.strip().splitlines()[-1].split())
+    return built, batch
 
 
 def loader_images_per_s(dataset: str, root: Path, *, size: int, batch: int, batches: int) -> float:
@@ -113,13 +117,15 @@ def main() -> None:
         results["write_folder_s"] = time.perf_counter() - start
     if not shards.exists():
         results["write_shards_s"] = write_shards(folder, shards, "--shard-size", "16MB")
-    results["first_batch_shards_cold_s"] = first_batch_s("shards", shards)  # builds the index where not cached
-    folder_times, shard_times = [], []
+    results["datasets_shards_cold_s"], results["first_batch_shards_cold_s"] = first_batch_s("shards", shards)
+    times: dict[str, list[tuple[float, float]]] = {"folder": [], "shards": []}
     for _ in range(args.repeats):
-        folder_times.append(first_batch_s("ImageFolder", folder))
-        shard_times.append(first_batch_s("shards", shards))
-    results["first_batch_folder_s"] = statistics.median(folder_times)
-    results["first_batch_shards_s"] = statistics.median(shard_times)
+        times["folder"].append(first_batch_s("ImageFolder", folder))
+        times["shards"].append(first_batch_s("shards", shards))
+    for name, runs in times.items():
+        results[f"datasets_{name}_s"] = statistics.median(built for built, _ in runs)
+        results[f"first_batch_{name}_s"] = statistics.median(batch for _, batch in runs)
+    results["datasets_speedup"] = results["datasets_folder_s"] / results["datasets_shards_s"]
     results["first_batch_speedup"] = results["first_batch_folder_s"] / results["first_batch_shards_s"]
     for name, dataset, root in (("folder", "ImageFolder", folder), ("shards", "shards", shards)):
         results[f"small_{name}_images_per_s"] = loader_images_per_s(dataset, root, size=56, batch=64, batches=args.batches)

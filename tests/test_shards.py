@@ -91,7 +91,7 @@ def test_max_side_re_encodes_only_larger_images_upright(tmp_path):
     wide.save(root / "val" / "a" / "v.jpg")
     out = write_shards(root, tmp_path / "shards", "--max-side", "64")
     train = ShardDataset(sorted(str(p) for p in out.glob("*-train-*.tar")))
-    sizes = {train.image_names[i].split("-", 1)[1]: Image.open(io.BytesIO(train.read(i).data)).size
+    sizes = {train.location(i)[1].split("-", 1)[1]: Image.open(io.BytesIO(train.read(i).data)).size
              for i in range(len(train))}  # fmt: skip
     assert sizes == {"big.jpg": (21, 64), "small.jpg": (60, 20)}  # turned upright, then shrunk; the small one kept
     assert train.read(1).data.tobytes() == (root / "train" / "a" / "small.jpg").read_bytes()

@@ -112,7 +112,7 @@ def write_shards(
                 close()
             if writer is None:
                 part = out / f".part-{_shard_name(source.name, split, len(shard_names))}"
-                writer, shard_size = TarWriter(str(part), mtime=0.0), 0
+                writer, shard_size = TarWriter(str(part), mtime=0), 0  # an int: a float time adds a PAX header to every member
             key = f"{index:08d}-{_key_safe(Path(name).stem)}"
             writer.write({"__key__": key, extension: data, "cls": str(int(label))})
             shard_size += len(data) + 1536  # the image, its label and their tar headers
@@ -142,7 +142,7 @@ def _complete_shards(out: Path, prefix: str, split: str) -> list[tuple[Path, int
     their sample counts."""
     done = []
     while (path := out / _shard_name(prefix, split, len(done))).is_file():
-        done.append((path, len(load_index(path, str(path)).keys)))
+        done.append((path, len(load_index(path, str(path)))))
     return done
 
 

@@ -50,7 +50,7 @@ CLASSES_FILE = "classes.txt"
 # The words of a shard's name that say its split, as the hub's sets name them
 # (imagenet1k-train-0000.tar, imagenet1k-validation-00.tar).
 SPLIT_WORDS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
-INDEX_VERSION = 1  # bumped when the cached index's contents change
+INDEX_VERSION = 2  # bumped when the cached index's contents change
 NO_LABEL = np.iinfo(np.int64).min  # a sample without a .cls: refused in training, fine to predict
 
 
@@ -318,11 +318,23 @@ def _size(path: Path) -> int:
 class ShardIndex:
     """Every sample of one shard, in the order the tar holds them."""
 
-    keys: list[str]
-    image_names: list[str]  # the image member's name, for messages: KEY.jpg
+    # The image members' names (KEY.jpg), one per line: split only for a message or a
+    # prediction's name, so that a set of a million images opens in milliseconds.
+    names_text: str
     offsets: np.ndarray  # int64: where the image's bytes start in the tar
     sizes: np.ndarray  # int64: how many bytes it has
     labels: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def image_names(self) -> list[str]:
+        return self.names_text.split("\n") if len(self) else []
+
+    @property
+    def keys(self) -> list[str]:
+        return [_key_and_extension(name)[0] for name in self.image_names]
 
 
 def build_index(tar_path: Path, shard: str) -> ShardIndex:
@@ -356,15 +368,14 @@ def build_index(tar_path: Path, shard: str) -> ShardIndex:
                     sample["image"] = (f"{key}.{extension}", member.offset_data, member.size)
     except tarfile.ReadError as error:
         raise _truncated(shard, last_key, error) from None
-    keys, names, offsets, sizes, labels = [], [], [], [], []
-    for key, sample in samples.items():
+    names, offsets, sizes, labels = [], [], [], []
+    for sample in samples.values():
         if "image" not in sample:
             continue  # a sample of other members (text, metadata) only
         name, offset, size = sample["image"]
-        keys.append(key), names.append(name), offsets.append(offset), sizes.append(size)
-        labels.append(sample.get("label", NO_LABEL))
+        names.append(name), offsets.append(offset), sizes.append(size), labels.append(sample.get("label", NO_LABEL))
     as_int = lambda values: np.asarray(values, dtype=np.int64)  # noqa: E731
-    return ShardIndex(keys, names, as_int(offsets), as_int(sizes), as_int(labels))
+    return ShardIndex("\n".join(names), as_int(offsets), as_int(sizes), as_int(labels))
 
 
 def _key_and_extension(member: str) -> tuple[str, str]:
@@ -394,9 +405,7 @@ def _index_path(identity: str) -> Path:
 def _cached_index(identity: str) -> ShardIndex | None:
     try:
         with np.load(_index_path(identity)) as stored:
-            keys = str(stored["keys"]).split("\n") if stored["offsets"].size else []
-            names = str(stored["names"]).split("\n") if stored["offsets"].size else []
-            return ShardIndex(keys, names, stored["offsets"], stored["sizes"], stored["labels"])
+            return ShardIndex(str(stored["names"]), stored["offsets"], stored["sizes"], stored["labels"])
     except (OSError, KeyError, ValueError):
         return None
 
@@ -406,8 +415,8 @@ def _store_index(identity: str, index: ShardIndex) -> ShardIndex:
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cached.parent, prefix=".part-", suffix=".npz", delete=False) as part:
-            np.savez(part, keys=np.asarray("\n".join(index.keys)), names=np.asarray("\n".join(index.image_names)),
-                     offsets=index.offsets, sizes=index.sizes, labels=index.labels)  # fmt: skip
+            np.savez(part, names=np.asarray(index.names_text), offsets=index.offsets, sizes=index.sizes,
+                     labels=index.labels)  # fmt: skip
         os.replace(part.name, cached)
     except OSError:
         pass  # a read-only cache: the index is built again next time
@@ -428,13 +437,13 @@ class ShardDataset(Dataset):
         self.transform = transform
         self.split = split
         self.remote = RemoteShardCache(cache_limit_bytes)
-        indexes = [self._index(shard) for shard in shards]
-        self.lengths = [len(index.keys) for index in indexes]
+        self.indexes = indexes = [self._index(shard) for shard in shards]
+        self.lengths = [len(index) for index in indexes]
         self.starts = np.cumsum([0, *self.lengths])
         self.offsets = np.concatenate([index.offsets for index in indexes]) if indexes else np.zeros(0, np.int64)
         self.sizes = np.concatenate([index.sizes for index in indexes]) if indexes else np.zeros(0, np.int64)
         self.labels = np.concatenate([index.labels for index in indexes]) if indexes else np.zeros(0, np.int64)
-        self.image_names = [name for index in indexes for name in index.image_names]
+        self._names: dict[int, list[str]] = {}  # shard -> its image names, split when first asked for
 
     def _index(self, shard: str) -> ShardIndex:
         if is_remote(shard):
@@ -464,7 +473,9 @@ class ShardDataset(Dataset):
     def location(self, index: int) -> tuple[str, str]:
         """(shard, image member name) of sample `index`."""
         shard = int(np.searchsorted(self.starts, index, side="right")) - 1
-        return self.shards[shard], self.image_names[index]
+        if shard not in self._names:
+            self._names[shard] = self.indexes[shard].image_names
+        return self.shards[shard], self._names[shard][index - int(self.starts[shard])]
 
     def read(self, index: int) -> EncodedImage:
         shard, name = self.location(index)
