@@ -68,6 +68,33 @@ def test_an_interrupted_write_is_finished_by_the_same_command_into_the_same_shar
         assert (cut / path.name).read_bytes() == path.read_bytes(), path.name
 
 
+def test_a_second_writer_into_the_same_folder_is_refused(tmp_path, jpegs):
+    import multiprocessing
+
+    from gtrain.run_lock import FileLock
+
+    out = tmp_path / "shards"
+    out.mkdir()
+    holding, release = multiprocessing.Event(), multiprocessing.Event()
+
+    def hold():
+        FileLock(out / ".lock").acquire()
+        holding.set()
+        release.wait(60)
+
+    holder = multiprocessing.get_context("fork").Process(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        result = invoke("shards", jpegs, out)
+        assert result.exit_code == 2 and f"is being written by pid {holder.pid}" in result.output, result.output
+        assert not list(out.glob("*.tar"))
+    finally:
+        release.set()
+        holder.join()
+    assert invoke("shards", jpegs, out).exit_code == 0  # the holder gone, the folder is free
+
+
 def test_unreadable_images_are_named_counted_and_left_out(tmp_path, jpegs):
     broken = jpegs / "train" / "dog" / "0.jpg"
     broken.write_bytes(broken.read_bytes()[:200])

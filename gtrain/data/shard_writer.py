@@ -29,6 +29,9 @@ from PIL import Image
 from gtrain.data.images import EncodedImage, decode_stored, decode_upright, decode_whole, probe
 from gtrain.data.shards import CLASSES_FILE, INFO_FILE, load_index
 from gtrain.errors import UserError, error_line
+from gtrain.run_lock import FileLock, describe_holder
+
+LOCK_FILE = ".lock"  # held by the writer (a lock the kernel drops when it dies)
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -73,10 +76,26 @@ class ShardWriterSettings:
 def write_shards(
     source: ShardSource, out: Path, settings: ShardWriterSettings, *, advance: Callable[[int], None] = lambda n: None
 ) -> WriteReport:
-    """Every split of `source` as shards in `out`; `advance(n)` after each n items read."""
+    """Every split of `source` as shards in `out`; `advance(n)` after each n items read. One
+    writer at a time: a second one into the same folder is refused."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot write shards into {out}: {error.strerror}; choose a writable folder") from None
+    lock = FileLock(out / LOCK_FILE)
+    if not lock.acquire():
+        raise UserError(
+            f"{out} is being written by {describe_holder(out / LOCK_FILE)}: wait for it to end, or write into another folder"
+        )
+    try:
+        return _write_splits(source, out, settings, advance)
+    finally:
+        lock.release()
+
+
+def _write_splits(source: ShardSource, out: Path, settings: ShardWriterSettings, advance: Callable[[int], None]) -> WriteReport:
     from webdataset import TarWriter
 
-    out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".part-*"):  # a shard a killed run left unfinished
         stale.unlink()
     report = WriteReport()
