@@ -129,7 +129,7 @@ def eval_(
     plot: Annotated[
         Optional[Path], typer.Option(help="Also write the confusion matrix as a PNG here (needs matplotlib).")
     ] = None,
-    worst: Annotated[int, typer.Option(min=1, help="Classes to list in the worst-classes table.")] = 5,
+    worst: Annotated[int, typer.Option(min=1, help="Classes, and images (highest loss), to list as the worst.")] = 5,
 ) -> None:
     """Evaluate saved weights on a dataset split: top-1, top-5, loss, per-class precision and
     recall, the worst classes and the confusion matrix.
@@ -172,6 +172,41 @@ def eval_(
         console.print(table)
     if report["plot"]:
         console.print(f"confusion matrix plot: {printable(report['plot'])}", highlight=False, markup=False)
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="A run folder (or a weights file in one).")],
+    split: Annotated[str, typer.Option(help="Split to score: val, test or train.")] = "val",
+    out: Annotated[Optional[Path], typer.Option(help="The HTML file to write (default: RUN/report.html).")] = None,
+    compare: Annotated[Optional[Path], typer.Option(help="A second run to show beside the first.")] = None,
+    gallery: Annotated[int, typer.Option(min=1, help="Highest-loss images to show, with Grad-CAM.")] = 24,
+    device: DeviceOption = "auto",
+    overrides: SetOption = None,
+) -> None:
+    """Write one self-contained HTML file that shows a run: recipe and provenance, curves, the
+    confusion matrix, per-class precision and recall, the most confused pairs with examples,
+    and the highest-loss images with where the model looked (Grad-CAM). Opens offline."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from gtrain.report import ReportSettings, write_report
+
+    settings = ReportSettings(split=split, out=out, compare=compare, gallery=gallery, device=device,
+                              overrides=tuple(overrides or ()))  # fmt: skip
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=error_console, disable=not error_console.is_terminal) as bar:
+
+            def progress(description: str, total: int | None):
+                task = bar.add_task(description, total=total)
+                return lambda images: bar.advance(task, images)
+
+            written = write_report(run, settings, progress=progress)
+    except UserError as error:
+        raise fail(error) from None
+    except OSError as error:
+        raise fail(unreadable_file(error)) from None
+    console.print(f"report: {printable(written)}", highlight=False, markup=False)
 
 
 @app.command("lr-find")

@@ -21,6 +21,8 @@ def report_tables(report: dict[str, Any]) -> list[TextTable]:
     if report["worst_classes"]:
         tables.append(worst_classes_table(report))
     tables.append(confusion_table(report))
+    if report.get("worst_images"):
+        tables.append(worst_images_table(report))
     return tables
 
 
@@ -43,6 +45,13 @@ def worst_classes_table(report: dict[str, Any]) -> TextTable:
     ]
     columns = ("class", "mistaken most for", "images", "recall", "mistaken")
     return TextTable("worst classes (lowest recall)", columns, rows, name_columns=2)
+
+
+def worst_images_table(report: dict[str, Any]) -> TextTable:
+    rows = [(row["image"], row["class"], row["predicted"], _percent(row["probability"]), f"{row['loss']:.3f}")
+            for row in report["worst_images"]]  # fmt: skip
+    columns = ("image", "class", "predicted", "probability", "loss")
+    return TextTable("worst images (highest loss; gtrain report shows them)", columns, rows, name_columns=3)
 
 
 def confusion_table(report: dict[str, Any]) -> TextTable:

@@ -37,6 +37,9 @@ class EvalResult:
     class_correct: list[int]
     class_total: list[int]
     confusion: list[list[int]]  # confusion[t][p]: images of true class t predicted (top-1) as class p
+    # With `evaluate(per_image=True)`: each image's loss, top-1 class and its probability, and
+    # true class, in the split's order.
+    images_scored: "ImageScores | None" = None
 
     @property
     def images_per_s(self) -> float:
@@ -95,6 +98,27 @@ class EvalResult:
         return sorted(pairs, key=lambda pair: -pair["images"])[:n]
 
 
+@dataclass
+class ImageScores:
+    """Each image of a split, scored: in the split's order."""
+
+    loss: torch.Tensor  # float64 (N,)
+    predicted: torch.Tensor  # int64 (N,): the top-1 class
+    probability: torch.Tensor  # float64 (N,): its probability
+    target: torch.Tensor  # int64 (N,)
+
+    def highest_losses(self, k: int) -> list[int]:
+        """The indices of the k images with the highest loss, highest first (a tie: the
+        lower index first)."""
+        order = sorted(range(len(self.loss)), key=lambda i: (-float(self.loss[i]), i))
+        return order[:k]
+
+    def examples(self, true: int, predicted: int, k: int) -> list[int]:
+        """Up to k images of class `true` predicted as `predicted`, the most confident first."""
+        chosen = ((self.target == true) & (self.predicted == predicted)).nonzero().flatten().tolist()
+        return sorted(chosen, key=lambda i: (-float(self.probability[i]), i))[:k]
+
+
 def _ratio(count: int, of: int) -> float | None:
     return count / of if of else None
 
@@ -129,10 +153,16 @@ def evaluate(
     channels_last: bool = False,
     world: World = World(),
     tta: str = "none",
+    per_image: bool = False,
+    on_batch=None,
 ) -> EvalResult:
     """Under torch.distributed each process evaluates its shard and the sums are reduced.
-    `tta`: "none", or "flip" to also score each image's mirror image (see `class_scores`)."""
+    `tta`: "none", or "flip" to also score each image's mirror image (see `class_scores`).
+    `per_image` (one process only) keeps every image's scores (`EvalResult.images_scored`);
+    `on_batch(images)` is called after each batch (a progress bar)."""
     check_tta(tta)
+    assert not (per_image and world.size > 1), "per-image scores are kept by one process"
+    kept: list[tuple[torch.Tensor, ...]] = []
     model.eval()
     start = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -148,6 +178,12 @@ def evaluate(
         correct5 += (topk == targets[:, None]).any(dim=1).sum()
         confusion += torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
         images += targets.numel()
+        if per_image:
+            probability = scores.softmax(dim=1).max(dim=1).values
+            losses = F.cross_entropy(scores, targets, reduction="none")
+            kept.append(tuple(t.cpu() for t in (losses.double(), topk[:, 0], probability.double(), targets)))
+        if on_batch is not None:
+            on_batch(targets.numel())
     # One reduction for everything; float64 holds these counts exactly (up to 2**53).
     counts = [correct5[None], torch.tensor([images], device=device), confusion]
     sums = all_reduce_sum(torch.cat([loss_sum[None], *(c.double() for c in counts)]), world)
@@ -165,6 +201,7 @@ def evaluate(
         class_correct=class_correct.tolist(),
         class_total=confusion.sum(dim=1).tolist(),
         confusion=confusion.tolist(),
+        images_scored=ImageScores(*(torch.cat(column) for column in zip(*kept))) if per_image else None,
     )
 
 
@@ -186,16 +223,28 @@ class EvalSettings:
     channels_last: bool | None = None
     tta: str = "none"
     plot: Path | None = None  # also write the confusion matrix here as a PNG
-    worst: int = 5  # classes to list as the worst
+    worst: int = 5  # classes, and images (the highest losses), to list as the worst
 
 
-def run_eval(path: Path, settings: EvalSettings = EvalSettings()) -> dict[str, Any]:
-    """`gtrain eval`: weights + the dataset they were trained on (or `--set data.*`) -> report.
+@dataclass
+class ScoredWeights:
+    """Weights scored on a split, with what scored them: for `gtrain eval` and `gtrain report`."""
 
-    Weights in a run folder are scored the way the run validated them: with its precision
-    and memory format (from its recipe.toml) unless `settings` say otherwise; weights
-    elsewhere with "auto" for both.
-    """
+    weights: Path
+    model: nn.Module  # on `settings.device`, in eval mode
+    meta: Any  # WeightsMeta
+    recipe: Any  # the run's Recipe, with the overrides
+    info: Any  # DatasetInfo of the split
+    dataset: Any  # the split, its items uint8 images as the model saw them (before normalising)
+    result: EvalResult  # with every image's scores
+    settings: EvalSettings  # device, precision and memory format as resolved
+
+
+def score_weights(path: Path, settings: EvalSettings = EvalSettings(), *, on_batch=None) -> ScoredWeights:
+    """Weights (a run folder or a file) scored on the dataset they were trained on (or
+    `--set data.*`), every image's scores kept. Weights in a run folder are scored the way
+    the run validated them: with its precision and memory format (from its recipe.toml)
+    unless `settings` say otherwise; weights elsewhere with "auto" for both."""
     from gtrain.data.loaders import make_eval_loader
 
     settings = check_eval_settings(settings)
@@ -215,16 +264,38 @@ def run_eval(path: Path, settings: EvalSettings = EvalSettings()) -> dict[str, A
                               pin_memory=device.type == "cuda", finish=finish, device=device)  # fmt: skip
     result = evaluate(
         model, loader, num_classes=meta.num_classes, device=device, precision=precision, channels_last=channels_last,
-        tta=settings.tta,
+        tta=settings.tta, per_image=True, on_batch=on_batch,
     )  # fmt: skip
     scored = replace(settings, device=str(device), precision=precision, channels_last=channels_last)
-    report = eval_report(result, meta, scored, weights=weights, dataset=info.name)
-    if settings.plot is not None:
+    return ScoredWeights(weights, model, meta, recipe, info, dataset, result, scored)
+
+
+def run_eval(path: Path, settings: EvalSettings = EvalSettings()) -> dict[str, Any]:
+    """`gtrain eval`: weights + the dataset they were trained on (or `--set data.*`) -> report."""
+    scored = score_weights(path, settings)
+    result, meta, info = scored.result, scored.meta, scored.info
+    report = eval_report(result, meta, scored.settings, weights=scored.weights, dataset=info.name)
+    report["worst_images"] = worst_images(result, meta.class_names, scored.dataset, settings.split, settings.worst)
+    if scored.settings.plot is not None:
         title = f"{meta.model} on {info.name} ({settings.split}): top-1 {result.top1:.1%}"
         from gtrain.plot import write_confusion_plot
 
-        write_confusion_plot(settings.plot, result.confusion, meta.class_names, title=title)
+        write_confusion_plot(scored.settings.plot, result.confusion, meta.class_names, title=title)
     return report
+
+
+def worst_images(result: EvalResult, class_names, dataset, split: str, k: int) -> list[dict[str, Any]]:
+    """The k images with the highest loss, highest first: where each is (a file, a shard's
+    member, or its index in the split), its class, the class predicted and how sure."""
+    from gtrain.data import item_name
+
+    scores = result.images_scored
+    return [
+        {"index": i, "image": item_name(dataset, i, split), "class": class_names[int(scores.target[i])],
+         "predicted": class_names[int(scores.predicted[i])], "probability": float(scores.probability[i]),
+         "loss": float(scores.loss[i])}  # fmt: skip
+        for i in scores.highest_losses(k)
+    ]
 
 
 def check_eval_settings(settings: EvalSettings) -> EvalSettings:

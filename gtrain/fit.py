@@ -204,7 +204,14 @@ def train_and_finish(
         if trainer.ema is not None:
             records.save_weights(records.paths.final_ema, trainer.ema.module)
         status.update(status="finished", stopped_early=progress.stopped_early)
-    return summarize(trainer, records, stopped_by)
+    report = None
+    if trainer.recipe.log.report and records.is_main:
+        from gtrain.report import ReportSettings, write_report
+
+        # After the run is finished and saved: a report that fails loses no training.
+        report = write_report(records.paths.root, ReportSettings(split=trainer.recipe.data.val_split,
+                                                                 device=str(trainer.settings.device)))  # fmt: skip
+    return summarize(trainer, records, stopped_by, report)
 
 
 def set_up(
@@ -226,7 +233,8 @@ def set_up(
     if world.is_main:
         write_text_atomic(paths.recipe, recipe.to_toml())
     info = data.info
-    facts = {"recipe": recipe_name, "model": recipe.model.name, "dataset": info.name, "epochs": train.epochs}
+    facts = {"recipe": recipe_name, "model": recipe.model.name, "dataset": info.name, "epochs": train.epochs,
+             "provenance": runtime.provenance(device) if world.is_main else {}}  # fmt: skip
     meta = WeightsMeta(
         model=recipe.model.name, num_classes=info.num_classes, in_chans=info.in_chans,
         image_size=recipe.data.eval_image_size or info.image_size, resize_size=recipe.data.eval_resize_size,
@@ -290,7 +298,7 @@ def start_facts(trainer: Trainer, data: DataBundle, paths: RunFolder, resume: bo
     return facts
 
 
-def summarize(trainer: Trainer, records: RunRecords, stopped_by: str | None = None) -> dict[str, Any]:
+def summarize(trainer: Trainer, records: RunRecords, stopped_by: str | None = None, report: Path | None = None) -> dict[str, Any]:
     """Print the summary panel; return what `fit` returns."""
     progress, train = trainer.progress, trainer.recipe.train
     summary = {
@@ -306,6 +314,8 @@ def summarize(trainer: Trainer, records: RunRecords, stopped_by: str | None = No
     if stopped_by:
         summary["stopped"] = f"after epoch {progress.epoch} of {train.epochs}: {stopped_by}"
     summary.update({"time": format_seconds(progress.elapsed_s), "written to": str(records.paths.root)})
+    if report is not None:
+        summary["report"] = str(report)
     records.reporter.summary(summary)
     return {
         "best_top1": progress.best_top1,

@@ -242,6 +242,9 @@ class LogSection(Section):
     tensorboard: bool = Field(
         False, description="also write TensorBoard event files to RUN/tensorboard (needs gtrain[tensorboard])"
     )
+    report: bool = Field(
+        False, description="write RUN/report.html at the end (gtrain report: curves, confusions, the worst images, Grad-CAM)"
+    )
 
 
 class Recipe(BaseModel):

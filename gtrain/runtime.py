@@ -106,3 +106,30 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     else:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
+
+
+def provenance(device: torch.device) -> dict[str, str]:
+    """What a run was made with, for run.json and `gtrain report`: versions, the machine, and
+    the git commit of the folder it was started from (where that is a git checkout; "+" when
+    it has uncommitted changes)."""
+    import platform
+    import subprocess
+
+    import torchvision
+
+    from gtrain.version import __version__
+
+    facts = {"gtrain": __version__, "python": platform.python_version(), "torch": torch.__version__,
+             "torchvision": torchvision.__version__, "machine": f"{platform.node()} ({platform.system()} "
+             f"{platform.machine()}, {os.cpu_count()} CPUs)"}  # fmt: skip
+    if device.type == "cuda":
+        facts["device"] = torch.cuda.get_device_name(device)
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if head.returncode == 0:
+            changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                     text=True, timeout=5)  # fmt: skip
+            facts["git_commit"] = head.stdout.strip() + ("+" if changed.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git here
+    return facts

@@ -849,6 +849,16 @@ def _shard_classes(layout: ShardSetLayout, train: ShardDataset) -> tuple[str, ..
     return tuple(str(i) for i in range(count))
 
 
+def item_name(dataset: Any, index: int, split: str) -> str:
+    """What image `index` of a split is, for a person: its file, its shard and member, or
+    "SPLIT #INDEX" for a dataset held in memory."""
+    if hasattr(dataset, "samples"):  # ImageFolder
+        return str(dataset.samples[index][0])
+    if isinstance(dataset, ShardDataset):
+        return ":".join(dataset.location(index))
+    return f"{split} #{index}"
+
+
 def check_flip_keeps_the_class(dataset: str) -> None:
     # The dataset table says where training flips images; "ImageFolder" is the one name not in it.
     if not DATASETS.get(dataset, IMAGE_FOLDER_SPEC).flip:

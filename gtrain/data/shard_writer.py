@@ -15,6 +15,7 @@ written last: a killed run leaves no shard that looks complete, and the same com
 continues after the last complete shard of each split.
 """
 
+import functools
 import io
 import json
 import os
@@ -224,19 +225,10 @@ def _write_atomically(path: Path, text: str) -> None:
 def source_of(data) -> ShardSource:
     """The splits of a recipe's data section (`DataSection`), unaugmented: an ImageFolder's or
     a shard set's files as bytes, a torchvision dataset's items as PIL images."""
-    from gtrain.data.datasets import raw_splits
+    from gtrain.data.datasets import item_name, raw_splits
 
     splits, class_names = raw_splits(data)
-    names = {split: _item_namer(dataset, split) for split, dataset in splits.items()}
+    names = {split: functools.partial(item_name, dataset, split=split) for split, dataset in splits.items()}
     root = data.root.rstrip("/")
     prefix = _key_safe(Path(root).name if data.dataset.lower() in ("imagefolder", "shards") else data.dataset)
     return ShardSource(prefix or "shards", splits, names, class_names)
-
-
-def _item_namer(dataset: Any, split: str) -> Callable[[int], str]:
-    if hasattr(dataset, "samples"):  # ImageFolder: the file's path
-        return lambda index: dataset.samples[index][0]
-    if hasattr(dataset, "location"):  # shards: shard and member
-        return lambda index: ":".join(dataset.location(index))
-    return lambda index: f"{split}-{index}.png"
-
