@@ -355,5 +355,6 @@ def provenance_section(runs: list[RunView]) -> str:
                  **run.status.get("provenance", {}), "scored on": f"{run.scored.settings.device} {run.scored.settings.precision}"}  # fmt: skip
         rows = "".join(f"<tr><td class=name>{e(str(key))}</td><td class=name>{e(str(value))}</td></tr>"
                        for key, value in facts.items() if value is not None)  # fmt: skip
-        blocks.append(f"<div><h3>{e(run.name)}</h3><table>{rows}</table><pre>{e(run.recipe_text)}</pre></div>")
+        blocks.append(f"<div><h3>{e(run.name)}</h3><table>{rows}</table><details><summary>recipe.toml</summary>"
+                      f"<pre>{e(run.recipe_text)}</pre></details></div>")  # fmt: skip
     return "<h2>Recipe and provenance</h2><div class=side>" + "".join(blocks) + "</div>"
