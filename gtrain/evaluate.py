@@ -240,11 +240,12 @@ class ScoredWeights:
     settings: EvalSettings  # device, precision and memory format as resolved
 
 
-def score_weights(path: Path, settings: EvalSettings = EvalSettings(), *, on_batch=None) -> ScoredWeights:
+def score_weights(path: Path, settings: EvalSettings = EvalSettings(), *, progress=None) -> ScoredWeights:
     """Weights (a run folder or a file) scored on the dataset they were trained on (or
     `--set data.*`), every image's scores kept. Weights in a run folder are scored the way
     the run validated them: with its precision and memory format (from its recipe.toml)
-    unless `settings` say otherwise; weights elsewhere with "auto" for both."""
+    unless `settings` say otherwise; weights elsewhere with "auto" for both. `progress(images)`
+    returns what to call with each batch's image count (a progress bar)."""
     from gtrain.data.loaders import make_eval_loader
 
     settings = check_eval_settings(settings)
@@ -264,7 +265,7 @@ def score_weights(path: Path, settings: EvalSettings = EvalSettings(), *, on_bat
                               pin_memory=device.type == "cuda", finish=finish, device=device)  # fmt: skip
     result = evaluate(
         model, loader, num_classes=meta.num_classes, device=device, precision=precision, channels_last=channels_last,
-        tta=settings.tta, per_image=True, on_batch=on_batch,
+        tta=settings.tta, per_image=True, on_batch=None if progress is None else progress(len(dataset)),
     )  # fmt: skip
     scored = replace(settings, device=str(device), precision=precision, channels_last=channels_last)
     return ScoredWeights(weights, model, meta, recipe, info, dataset, result, scored)

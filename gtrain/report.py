@@ -84,10 +84,8 @@ def view_run(run: Path, settings: ReportSettings, progress: Callable | None) -> 
     folder = Path(run) if Path(run).is_dir() else Path(run).parent
     paths = RunFolder(folder)
     eval_settings = EvalSettings(split=settings.split, overrides=settings.overrides, device=settings.device)
-    on_batch = None
-    if progress is not None:
-        on_batch = progress(f"scoring {folder.name} ({settings.split})", None)
-    scored = score_weights(Path(run), eval_settings, on_batch=on_batch)
+    counted = None if progress is None else lambda total: progress(f"scoring {folder.name} ({settings.split})", total)
+    scored = score_weights(Path(run), eval_settings, progress=counted)
     metrics = []
     if paths.metrics.is_file():
         metrics = [json.loads(line) for line in paths.metrics.read_text().splitlines() if line.strip()]

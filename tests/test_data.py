@@ -137,9 +137,9 @@ def test_images_of_any_shape_come_out_square_at_the_requested_size(spec):
             assert transform(images[0][0]).shape == (3, 24, 24), shape
 
 
-def test_list_datasets_has_the_table_plus_image_folder():
+def test_list_datasets_has_the_table_plus_image_folder_and_shards():
     names = list_datasets()
-    assert names[-1] == "ImageFolder" and {"digits", "MNIST", "CIFAR10", "SVHN", "Flowers102"} <= set(names)
+    assert names[-2:] == ["ImageFolder", "shards"] and {"digits", "MNIST", "CIFAR10", "SVHN", "Flowers102"} <= set(names)
 
 
 # ImageFolder -------------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ def trained(tmp_path_factory):
     root = write_image_folder(base / "jpegs", class_names=("cat", "dog", HOSTILE), size=40, suffix=".jpg",
                               images_per_class={"train": 8, "val": 6})  # fmt: skip
     runs = []
-    for name, lr in (("first", 0.1), ("second", 0.02)):
+    for name, lr, report in (("first", 0.1, "true"), ("second", 0.02, "false")):
         out = base / name
         result = invoke("fit", *TINY, "--set", f"data.root={root}", "--set", f"optim.lr={lr}",
-                        "--set", "log.report=true", "--out", out)  # fmt: skip
+                        "--set", f"log.report={report}", "--out", out)  # fmt: skip
         assert result.exit_code == 0, result.output
         runs.append(out)
     return runs

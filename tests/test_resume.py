@@ -241,7 +241,7 @@ def left_alone(tmp_path_factory, data_roots, published):
     ("pipeline", "workers", "resumed_workers"),
     [("in-memory-digits", 0, 0),
      ("uint8-jpeg-trivialaugment-erasing", 2, 2), ("uint8-shards", 2, 2),
-     ("float-pil-timm-randaugment", 0, 0), ("float-pil-timm-randaugment", 2, 2),
+     ("float-pil-timm-randaugment", 2, 2),
      ("device-decode", 0, 2), ("device-decode", 2, 0)],  # and workers that change on resume
 )  # fmt: skip
 def test_a_killed_run_resumes_bit_exact_on_every_pipeline_with_any_workers(

@@ -96,7 +96,7 @@ def assert_works_or_one_line(result):
         assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("error: "), result.output
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_damaged_weights_files_work_or_are_one_line_within_bounded_memory(tmp_path, valid_file, data):
     meta, tensors = data.draw(damaged_files(valid_file))
