@@ -183,7 +183,7 @@ td.name, th.name { text-align: left; }
 svg text { fill: var(--muted); font-size: 11px; } svg .axis { stroke: var(--line); }
 .gallery { display: flex; flex-wrap: wrap; gap: 12px; }
 figure { margin: 0; background: var(--card); border-radius: 8px; padding: 8px; width: 240px; }
-figure img { width: 112px; height: 112px; object-fit: contain; image-rendering: pixelated; }
+img { width: 112px; height: 112px; object-fit: contain; image-rendering: pixelated; margin: 2px; }
 figcaption { font-size: 12px; overflow-wrap: anywhere; }
 pre { background: var(--card); padding: 12px; border-radius: 8px; overflow: auto; font-size: 12px; }
 .side { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 16px; }
@@ -193,9 +193,9 @@ pre { background: var(--card); padding: 12px; border-radius: 8px; overflow: auto
 def render(runs: list[RunView], settings: ReportSettings) -> str:
     main = runs[0]
     title = f"{main.name}: {main.scored.meta.model} on {main.scored.info.name} ({settings.split})"
-    sections = [summary_section(runs, settings), curves_section(runs), confusion_section(main),
-                per_class_section(runs), confused_pairs_section(main), gallery_section(main, settings.gallery),
-                provenance_section(runs)]  # fmt: skip
+    tables = f"<div class=side><div>{confusion_section(main)}</div><div>{per_class_section(runs)}</div></div>"
+    sections = [summary_section(runs, settings), curves_section(runs), tables, confused_pairs_section(main),
+                gallery_section(main, settings.gallery), provenance_section(runs)]  # fmt: skip
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         # Nothing from elsewhere, and no script: only inline styles and inline images.
@@ -238,7 +238,8 @@ def curves_section(runs: list[RunView]) -> str:
 
 def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]], str, bool]], percent: bool) -> str:
     """An inline SVG line chart: each series (label, points, colour, dashed)."""
-    width, height, left, bottom, top, right = 360, 220, 52, 28, 24, 12
+    width, height, left, bottom, right = 340, 210, 52, 28, 12
+    top = 16 + 12 * len([s for s in series if s[1]])  # below the title and the legend
     points = [p for _, ps, _, _ in series for p in ps]
     if not points:
         return f"<svg width={width} height={height} role=img><text x=12 y=20>{e(title)}: nothing logged</text></svg>"
@@ -262,7 +263,8 @@ def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]], st
         dash = " stroke-dasharray='5 4'" if dashed else ""
         parts.append(f"<polyline fill=none stroke='{colour}' stroke-width=2{dash} points='{path}' />")
         parts += [f"<circle cx={sx(x):.1f} cy={sy(y):.1f} r=2.5 fill='{colour}' />" for x, y in ps]
-        parts.append(f"<text x={left + 8} y={top + 14 + 13 * number} style='fill:{colour}'>{e(name)}</text>")
+        # The legend in the title's row, right to left: it never covers a curve.
+        parts.append(f"<text x={width - right} y={16 + 12 * number} text-anchor=end style='fill:{colour}'>{e(name)}</text>")
     return "".join(parts) + "</svg>"
 
 
@@ -318,7 +320,7 @@ def confused_pairs_section(run: RunView) -> str:
         images = "".join(f"<img src='{url}' alt='{e(pair['true'])} predicted as {e(pair['predicted'])}' width={THUMBNAIL_PX}>"
                          for url, _ in explain(scored, chosen, [p] * len(chosen)))  # fmt: skip
         blocks.append(f"<div class=card><b>{e(pair['true'])}</b> predicted as <b>{e(pair['predicted'])}</b>: "
-                      f"{pair['images']} images<br>{images}</div>")  # fmt: skip
+                      f"{pair['images']} image{'' if pair['images'] == 1 else 's'}<br>{images}</div>")  # fmt: skip
     if not blocks:
         return "<h2>Most confused pairs</h2><p class=muted>No image is predicted as another class.</p>"
     return "<h2>Most confused pairs</h2><div class=side>" + "".join(blocks) + "</div>"
