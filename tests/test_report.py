@@ -136,3 +136,16 @@ def test_grad_cam_peaks_where_the_class_is_decided():
     peaks = heat.flatten(1).argmax(dim=1)
     rows, columns = peaks // 16, peaks % 16
     assert ((rows >= 8) & (columns >= 8)).all(), (rows.tolist(), columns.tolist())
+
+
+@pytest.mark.parametrize("name", ["resnext29_2x16d", "hornet_cifar_nano_7x7"])
+def test_grad_cam_takes_every_family_through_its_last_stage(name):
+    from gtrain.models import create_model
+    from gtrain.report import grad_cam
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3, in_chans=3).eval()
+    heat = grad_cam(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))
+    assert heat.shape == (2, 32, 32) and torch.isfinite(heat).all()
+    assert heat.min() >= 0 and heat.max() <= 1
+    assert all(p.grad is None for p in model.parameters())  # the weights are not touched
