@@ -98,6 +98,7 @@ class ShardSetLayout:
 
 
 def find_shards(root: str) -> ShardSetLayout:
+    """Where the shards of each split of `root` (data.root) are, by the rules above."""
     if "{" in root:
         shards = expand_braces(root)
         base = shards[0].rsplit("/", 1)[0] if "/" in shards[0] else "."
