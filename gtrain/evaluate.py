@@ -110,13 +110,12 @@ class ImageScores:
     def highest_losses(self, k: int) -> list[int]:
         """The indices of the k images with the highest loss, highest first (a tie: the
         lower index first)."""
-        order = sorted(range(len(self.loss)), key=lambda i: (-float(self.loss[i]), i))
-        return order[:k]
+        return torch.argsort(self.loss, descending=True, stable=True)[:k].tolist()
 
     def examples(self, true: int, predicted: int, k: int) -> list[int]:
         """Up to k images of class `true` predicted as `predicted`, the most confident first."""
-        chosen = ((self.target == true) & (self.predicted == predicted)).nonzero().flatten().tolist()
-        return sorted(chosen, key=lambda i: (-float(self.probability[i]), i))[:k]
+        chosen = ((self.target == true) & (self.predicted == predicted)).nonzero().flatten()
+        return chosen[torch.argsort(self.probability[chosen], descending=True, stable=True)][:k].tolist()
 
 
 def _ratio(count: int, of: int) -> float | None:

@@ -86,10 +86,10 @@ class ImageReader:
     def __call__(self, item: "Path | ShardSample") -> torch.Tensor:
         from gtrain.data.images import read_encoded
 
-        encoded = item.read() if isinstance(item, ShardSample) else read_encoded(str(item)) if self.photo else None
-        if self.photo:
-            return self.transform(encoded)
-        return self.transform(read_image(io.BytesIO(encoded.data.tobytes()) if encoded is not None else item))
+        if isinstance(item, ShardSample):
+            encoded = item.read()
+            return self.transform(encoded if self.photo else read_image(io.BytesIO(encoded.data.tobytes())))
+        return self.transform(read_encoded(str(item)) if self.photo else read_image(item))
 
 
 class ShardSample(NamedTuple):

@@ -843,7 +843,7 @@ def _shard_classes(layout: ShardSetLayout, train: ShardDataset) -> tuple[str, ..
     if layout.class_names is not None:
         train.check_labels(len(layout.class_names))
         return layout.class_names
-    train.check_labels(np.iinfo(np.int64).max)  # a sample without a label
+    train.check_labels()  # every sample has a label
     count = int(train.labels.max()) + 1
     train.check_labels(count)
     return tuple(str(i) for i in range(count))

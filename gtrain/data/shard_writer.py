@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 from gtrain.data.images import EncodedImage, decode_stored, decode_upright, decode_whole, probe
-from gtrain.data.shards import CLASSES_FILE, INFO_FILE, load_index
+from gtrain.data.shards import CLASSES_FILE, INFO_FILE, ShardIndex, load_index
 from gtrain.errors import UserError, error_line
 from gtrain.run_lock import FileLock, describe_holder
 
@@ -104,9 +104,9 @@ def _write_splits(source: ShardSource, out: Path, settings: ShardWriterSettings,
     for split, dataset in source.splits.items():
         done = _complete_shards(out, source.name, split)
         start = _next_index(done)
-        report.resumed[split] = sum(length for _, length in done)
+        report.resumed[split] = sum(len(index) for _, index in done)
         advance(start)
-        shard_names, lengths = [path.name for path, _ in done], [length for _, length in done]
+        shard_names, lengths = [path.name for path, _ in done], [len(index) for _, index in done]
         writer, part, shard_size, count = None, None, 0, 0
 
         def close() -> None:
@@ -157,21 +157,20 @@ def _key_safe(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", stem)[:80]
 
 
-def _complete_shards(out: Path, prefix: str, split: str) -> list[tuple[Path, int]]:
+def _complete_shards(out: Path, prefix: str, split: str) -> list[tuple[Path, ShardIndex]]:
     """The shards of `split` a previous run finished, numbered 0, 1, ... without a gap, with
-    their sample counts."""
+    their indexes."""
     done = []
     while (path := out / _shard_name(prefix, split, len(done))).is_file():
-        done.append((path, len(load_index(path, str(path)))))
+        done.append((path, load_index(path, str(path))))
     return done
 
 
-def _next_index(done: list[tuple[Path, int]]) -> int:
+def _next_index(done: list[tuple[Path, ShardIndex]]) -> int:
     """The source index after the last one a previous run wrote (keys start with it)."""
-    for path, _ in reversed(done):
-        keys = load_index(path, str(path)).keys
-        if keys:
-            return int(keys[-1].split("-", 1)[0]) + 1
+    for _, index in reversed(done):
+        if len(index):
+            return int(index.keys[-1].split("-", 1)[0]) + 1
     return 0
 
 

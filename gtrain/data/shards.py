@@ -202,45 +202,60 @@ def _remote_bytes(url: str, start: int | None = None, size: int | None = None) -
         except urllib.error.HTTPError as error:
             if error.code == 404:
                 raise FileNotFoundError(url) from None
-            raise UserError(f"shards: {url}: HTTP {error.code} {error.reason}: check the URL and its access") from None
+            raise _unreadable(url, error) from None
         except (urllib.error.URLError, OSError) as error:
-            raise UserError(f"shards: {url} cannot be read ({error_line(error)}): check the network") from None
+            raise _unreadable(url, error) from None
         if start is not None and not ranged:  # a server without range requests sends it all
             body = body[start : start + size]
         return body
+    filesystem, path = _filesystem(url)
     try:
-        import fsspec
-    except ImportError:
-        raise UserError(f"shards: {url} needs fsspec for its scheme: pip install fsspec and its s3fs or gcsfs") from None
-    try:
-        filesystem, path = fsspec.core.url_to_fs(url)
         if start is None:
             return filesystem.cat_file(path)
         return filesystem.cat_file(path, start, start + size)
     except FileNotFoundError:
         raise
     except Exception as error:  # fsspec's back ends raise their own types
-        raise UserError(f"shards: {url} cannot be read ({error_line(error)}): check the URL and its credentials") from None
+        raise _unreadable(url, error) from None
 
 
 def _remote_size(url: str) -> int:
     """A remote file's size in bytes (-1 where the server does not say)."""
+    if not url.startswith(("http://", "https://")):
+        filesystem, path = _filesystem(url)
+        try:
+            return int(filesystem.size(path))
+        except FileNotFoundError:
+            raise UserError(f"shards: {url} not found: check data.root") from None
+        except Exception as error:  # fsspec's back ends raise their own types
+            raise _unreadable(url, error) from None
     try:
-        if url.startswith(("http://", "https://")):
-            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=60) as response:
-                return int(response.headers.get("Content-Length", -1))
-        import fsspec
-
-        filesystem, path = fsspec.core.url_to_fs(url)
-        return int(filesystem.size(path))
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=60) as response:
+            return int(response.headers.get("Content-Length", -1))
     except urllib.error.HTTPError as error:
         if error.code == 404:
             raise UserError(f"shards: {url} not found: check data.root") from None
-        raise UserError(f"shards: {url}: HTTP {error.code} {error.reason}: check the URL and its access") from None
+        raise _unreadable(url, error) from None
+    except (urllib.error.URLError, OSError) as error:
+        raise _unreadable(url, error) from None
+
+
+def _unreadable(url: str, error: Exception) -> UserError:
+    if isinstance(error, urllib.error.HTTPError):
+        return UserError(f"shards: {url}: HTTP {error.code} {error.reason}: check the URL and its access")
+    return UserError(f"shards: {url} cannot be read ({error_line(error)}): check the network, the URL and its credentials")
+
+
+def _filesystem(url: str):
+    """fsspec's file system for a URL of another scheme than http(s) (s3://, gs://, ...), and the path in it."""
+    try:
+        import fsspec
+
+        return fsspec.core.url_to_fs(url)
     except ImportError:
         raise UserError(f"shards: {url} needs fsspec for its scheme: pip install fsspec and its s3fs or gcsfs") from None
-    except (urllib.error.URLError, OSError) as error:
-        raise UserError(f"shards: {url} cannot be read ({error_line(error)}): check the network") from None
+    except ValueError as error:  # a scheme fsspec does not know, or its back end is missing
+        raise UserError(f"shards: {url}: {error_line(error)}: install the fsspec back end for its scheme") from None
 
 
 class RemoteShardCache:
@@ -495,8 +510,9 @@ class ShardDataset(Dataset):
         image = self.read(index)
         return (self.transform(image) if self.transform is not None else image), int(self.labels[index])
 
-    def check_labels(self, num_classes: int) -> None:
-        """Every label is a class index: one line naming the shard and the key where one is not."""
+    def check_labels(self, num_classes: int | None = None) -> None:
+        """Every sample has a label and (given `num_classes`) it is a class index: one line
+        naming the shard and the key where one is not."""
         missing = np.flatnonzero(self.labels == NO_LABEL)
         if missing.size:
             shard, name = self.location(int(missing[0]))
@@ -504,11 +520,13 @@ class ShardDataset(Dataset):
             raise UserError(
                 f"shards: {shard}: sample {key} has no label ({key}.{LABEL_EXTENSION}): add one, or leave the sample out"
             )
-        bad = np.flatnonzero((self.labels < 0) | (self.labels >= num_classes))
+        outside = self.labels < 0 if num_classes is None else (self.labels < 0) | (self.labels >= num_classes)
+        bad = np.flatnonzero(outside)
         if bad.size:
             shard, name = self.location(int(bad[0]))
+            valid = "a class index (0 or more)" if num_classes is None else f"{num_classes} classes (0 to {num_classes - 1})"
             raise UserError(
                 f"shards: {shard}: {name.partition('.')[0]} has label {int(self.labels[bad[0]])}, out of range for "
-                f"{num_classes} classes (0 to {num_classes - 1}): fix its .cls, or list every class in {CLASSES_FILE}"
+                f"{valid}: fix its .cls, or list every class in {CLASSES_FILE}"
             )
 
