@@ -517,6 +517,8 @@ def shards(
         settings = ShardWriterSettings(max_side=max_side, quality=quality, shard_bytes=parse_size(shard_size))
         if Path(source).is_dir():
             data = DataSection(dataset="ImageFolder", root=source)
+        elif "/" in source and not Path(source).exists():
+            raise UserError(f"{source} does not exist: give an image folder (with train/ and val/) or a recipe")
         else:
             data = load_recipe(source, overrides or [])[0].data
         shard_source = source_of(data)

@@ -95,6 +95,12 @@ def test_a_second_writer_into_the_same_folder_is_refused(tmp_path, jpegs):
     assert invoke("shards", jpegs, out).exit_code == 0  # the holder gone, the folder is free
 
 
+def test_a_source_that_does_not_exist_is_one_line(tmp_path):
+    result = invoke("shards", tmp_path / "nowhere", tmp_path / "out")
+    assert result.exit_code == 2 and "does not exist: give an image folder" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_unreadable_images_are_named_counted_and_left_out(tmp_path, jpegs):
     broken = jpegs / "train" / "dog" / "0.jpg"
     broken.write_bytes(broken.read_bytes()[:200])
