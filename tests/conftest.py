@@ -175,6 +175,27 @@ def write_shards(folder: Path, out: Path, *options: str) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def two_process_recipe(tmp_path_factory) -> list[str]:
+    """The distributed tests' run: a small HorNet on 256 MNIST-format images at 8 px; global
+    batch 64, so 4 steps per epoch, 2 epochs; 66 validation images, which do not divide evenly
+    over 2 x 32. Deterministic fp32 with SGD, whose step is linear in the gradient, so that one
+    process lands where two do but for float rounding; a checkpoint every 2 steps, so that a
+    restart continues within an epoch."""
+    root = write_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=66)
+    return tiny_hornet(root, {"data.batch_size": 64, "train.epochs": 2, "optim.name": "sgd", "optim.lr": 0.05,
+                              "train.deterministic": True, "train.checkpoint_steps": 2})  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory, two_process_recipe) -> tuple[Path, SimpleNamespace]:
+    """`two_process_recipe` trained by 2 processes under torchrun, left alone: its folder and its output."""
+    out = tmp_path_factory.mktemp("two_processes") / "run"
+    result = run_gtrain("fit", *two_process_recipe, "--out", out, torchrun=2, threads=1, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
 @pytest.fixture
 def mnist_root(tmp_path: Path) -> Path:
     """A data root holding a 200 train / 100 test MNIST in torchvision's layout."""

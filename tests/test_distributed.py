@@ -1,29 +1,25 @@
-"""torch.distributed under torchrun on CPU (gloo): the same training as one process,
-exact validation, resume on any number of processes, and no hang when a worker dies."""
+"""torch.distributed under torchrun on CPU (gloo): the same training as one process, exact
+validation, two nodes, and no hang when a worker dies. Resuming on another number of
+processes: tests/test_restarts.py."""
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import clean_environment, invoke, run_gtrain, tiny_hornet, write_image_folder, write_mnist, write_shards
+from tests.conftest import clean_environment, invoke, run_gtrain, write_image_folder, write_shards
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    """A small HorNet on 256 MNIST-format images at 8 px; global batch 64: 4 steps per epoch.
-    66 validation images: they do not divide evenly over 4 or 2 x 32. SGD, whose step is
-    linear in the gradient, so that one process lands where two do but for float rounding."""
-    root = write_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=66)
-    return tiny_hornet(root, {"data.batch_size": 64, "train.epochs": 2, "optim.name": "sgd", "optim.lr": 0.05})
+@pytest.fixture
+def recipe(two_process_recipe):
+    """The shared small HorNet (tests/conftest.py): 4 steps per epoch, 66 validation images."""
+    return two_process_recipe
 
 
 def torchrun(*args, fault="", timeout=180):
@@ -45,14 +41,6 @@ def eval_json(*args) -> dict:
 
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory, recipe):
-    out = tmp_path_factory.mktemp("ddp") / "run"
-    result = torchrun("fit", *recipe, "--out", out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
 
 
 def test_two_processes_train_like_one(tmp_path, recipe, two_process_run):
@@ -104,31 +92,6 @@ def test_two_processes_on_a_jpeg_folder_log_the_validation_gtrain_eval_gives(tmp
     assert report["images"] == 21 and report["precision"] == "fp32"
     assert (report["top1"], report["top5"]) == (best["val_top1"], best["val_top5"])
     assert report["loss"] == pytest.approx(best["val_loss"], rel=1e-12)
-
-
-def test_two_process_run_interrupted_resumes_on_two_and_on_one(tmp_path, recipe, two_process_run):
-    # Each image's crop is drawn from its own stream, so one process on the same global
-    # batches augments them as two did, and must land on the same weights.
-    (reference, _), out = two_process_run, tmp_path / "run"
-    stopped = torchrun("fit", *recipe, "--out", out, fault="signal-at-step:5:SIGTERM")
-    assert stopped.returncode != 0
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["progress"]["step_in_epoch"] == 1
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-
-    on_two = torchrun("fit", "--resume", out)
-    assert on_two.returncode == 0, on_two.stderr[-3000:]
-    on_one = invoke("fit", "--resume", copy)
-    assert on_one.exit_code == 0, on_one.output
-    assert [r["epoch"] for r in metrics(out)] == [r["epoch"] for r in metrics(copy)] == [1, 2]
-    uninterrupted = load_file(reference / "final.safetensors")
-    resumed_on_two, resumed_on_one = load_file(out / "final.safetensors"), load_file(copy / "final.safetensors")
-    assert set(resumed_on_two) == set(uninterrupted) == set(resumed_on_one)
-    for key, value in uninterrupted.items():
-        # On two processes again: the run left alone, tensor for tensor.
-        assert torch.equal(resumed_on_two[key], value), key
-        # On one: the same images in every step; only the order of the gradient sums differs.
-        torch.testing.assert_close(resumed_on_one[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def free_port():

@@ -1,8 +1,10 @@
 """Runs survive the launchers' restarts: torchrun restarting its workers, the same command
-run again with --auto-resume, srun's processes stopped by SIGUSR1, and a second process
-that would train into a folder a live one holds. Real processes, 2 CPU processes, gloo."""
+run again with --auto-resume (on two processes or on one), srun's processes stopped by
+SIGUSR1, and a second process that would train into a folder a live one holds. Real
+processes, 2 CPU processes, gloo."""
 
 import json
+import shutil
 import socket
 import subprocess
 import time
@@ -12,21 +14,16 @@ import torch
 from safetensors.torch import load_file
 
 from gtrain.distributed import World, first_host, slurm_rendezvous
-from tests.conftest import (
-    assert_same_weights, clean_environment, gtrain_command, invoke, run_gtrain, tiny_hornet, write_mnist,
-)  # fmt: skip
+from tests.conftest import assert_same_weights, clean_environment, gtrain_command, invoke, run_gtrain
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    """The tiny HorNet of test_distributed: 4 steps per epoch, 2 epochs, deterministic fp32,
-    each process drawing its own augmentation; a checkpoint every 2 steps, so that a restart
-    continues within an epoch."""
-    root = write_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=66)
-    return tiny_hornet(root, {"data.batch_size": 64, "train.epochs": 2, "train.deterministic": True,
-                              "train.checkpoint_steps": 2})  # fmt: skip
+@pytest.fixture
+def recipe(two_process_recipe):
+    """The shared small HorNet (tests/conftest.py): 4 steps per epoch, 2 epochs, deterministic
+    fp32, each process drawing its own augmentation, a checkpoint every 2 steps."""
+    return two_process_recipe
 
 
 def torchrun(*args, restarts=0, fault="", timeout=240):
@@ -34,12 +31,10 @@ def torchrun(*args, restarts=0, fault="", timeout=240):
     return run_gtrain(*args, torchrun=2, restarts=restarts, fault=fault, threads=1, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def left_alone(tmp_path_factory, recipe):
-    """The final weights of the run that nothing interrupted."""
-    out = tmp_path_factory.mktemp("left_alone") / "run"
-    result = torchrun("fit", *recipe, "--out", out)
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture
+def left_alone(two_process_run):
+    """The final weights of the 2-process run that nothing interrupted."""
+    out, _ = two_process_run
     return load_file(out / "final.safetensors")
 
 
@@ -67,14 +62,29 @@ def test_torchrun_restart_after_a_killed_worker_continues_as_if_left_alone(tmp_p
 def test_the_same_command_with_auto_resume_continues_after_every_process_was_killed(tmp_path, recipe, left_alone):
     out = tmp_path / "run"
     command = ["fit", *recipe, "--out", out, "--auto-resume"]
-    killed = torchrun(*command, fault="kill-at-step:5")
+    killed = torchrun(*command, fault="kill-at-step:7")  # after the checkpoint of step 6, within epoch 2
     assert killed.returncode != 0
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["progress"]["step_in_epoch"] == 0
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["progress"]["step_in_epoch"] == 2
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+
     again = torchrun(*command)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming after epoch 1, step 0" in again.stdout
+    assert "resuming after epoch 1, step 2" in again.stdout
     assert epochs_logged(out) == [1, 2]
     assert_same_weights(load_file(out / "final.safetensors"), left_alone)
+
+    # The copy on one process: each image's crop is drawn from its own stream, so one process
+    # on the same global batches augments them as two did; only the order of the gradient
+    # sums differs (SGD: a step linear in the gradient).
+    on_one = invoke("fit", "--resume", copy)
+    assert on_one.exit_code == 0, on_one.output
+    assert epochs_logged(copy) == [1, 2]
+    resumed_on_one = load_file(copy / "final.safetensors")
+    assert resumed_on_one.keys() == left_alone.keys()
+    for key, value in left_alone.items():
+        torch.testing.assert_close(resumed_on_one[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
     # Once more (here in one process): the run has finished, so there is nothing to do, and
     # nothing is rewritten.
     before = (out / "final.safetensors").stat().st_mtime_ns
