@@ -33,26 +33,22 @@ def uninterrupted(tmp_path_factory, fast):
     return load_file(run / "final.safetensors")
 
 
-@pytest.mark.parametrize(
-    ("fault", "exit_code"),
+def test_sigterm_between_epochs_resumes_bit_exact(tmp_path, fast, uninterrupted):
     # SIGUSR1, what SLURM sends before it preempts a job: tests/test_restarts.py, under srun.
-    [("signal-at-step:2:SIGINT", 130), ("signal-at-step:4:SIGTERM", 75)],
-    ids=["sigint-mid-epoch", "sigterm-between-epochs"],
-)
-def test_resume_is_bit_exact(tmp_path, fast, uninterrupted, fault, exit_code):
     run = tmp_path / "run"
-    stopped = run_gtrain("fit", *fast, "--out", run, fault=fault)
-    assert stopped.returncode == exit_code, stopped.stderr
+    stopped = run_gtrain("fit", *fast, "--out", run, fault="signal-at-step:4:SIGTERM")
+    assert stopped.returncode == 75, stopped.stderr
     assert f"gtrain fit --resume {run}" in stopped.stderr
     resumed = invoke("fit", "--resume", run)
     assert resumed.exit_code == 0, resumed.output
     assert_same_weights(load_file(run / "final.safetensors"), uninterrupted)
 
 
-def test_kill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path, fast, uninterrupted):
+def test_ctrl_c_mid_epoch_resumes_bit_exact_even_after_a_kill_during_the_next_save(tmp_path, fast, uninterrupted):
     run = tmp_path / "run"
     first = run_gtrain("fit", *fast, "--out", run, fault="signal-at-step:3:SIGINT")
-    assert first.returncode == 130
+    assert first.returncode == 130, first.stderr
+    assert f"gtrain fit --resume {run}" in first.stderr
     before = (run / "checkpoints" / "last.pt").read_bytes()
     killed = run_gtrain("fit", "--resume", run, fault="kill-during-save:last.pt")
     assert killed.returncode == -9
@@ -240,9 +236,9 @@ def left_alone(tmp_path_factory, data_roots, published):
 @pytest.mark.parametrize(
     ("pipeline", "workers", "resumed_workers"),
     [("in-memory-digits", 0, 0),
-     ("uint8-jpeg-trivialaugment-erasing", 2, 2), ("uint8-shards", 2, 2),
+     ("uint8-jpeg-trivialaugment-erasing", 2, 0), ("uint8-shards", 2, 2),  # and workers that change on resume
      ("float-pil-timm-randaugment", 2, 2),
-     ("device-decode", 0, 2), ("device-decode", 2, 0)],  # and workers that change on resume
+     ("device-decode", 0, 2)],
 )  # fmt: skip
 def test_a_killed_run_resumes_bit_exact_on_every_pipeline_with_any_workers(
     tmp_path, data_roots, published, left_alone, pipeline, workers, resumed_workers

@@ -14,10 +14,10 @@ from tests.conftest import clean_environment, gtrain_command, invoke, run_gtrain
 
 optuna = pytest.importorskip("optuna")
 
-# Two epochs of the quickstart, with one block per stage (3 s a trial), in fp32 with deterministic
+# Two epochs of the quickstart, with one block per stage, in batches of 256 (5 steps an epoch), in fp32 with deterministic
 # kernels: a trial is then a function of its settings, so `gtrain fit best.toml` must give the
 # best trial's top-1.
-QUICK = ["quickstart", "--set", "train.epochs=2", "--set", "model.stage_depths=[1, 1, 1]",
+QUICK = ["quickstart", "--set", "train.epochs=2", "--set", "model.stage_depths=[1, 1, 1]", "--set", "data.batch_size=256",
          "--set", "train.precision=fp32", "--set", "train.deterministic=true"]  # fmt: skip
 SPACE = '"optim.lr" = {low = 1e-4, high = 0.3, log = true}\n"optim.weight_decay" = [1e-4, 5e-4]\n'
 
@@ -83,7 +83,7 @@ def test_processes_that_start_a_study_at_the_same_instant_all_join_it(tmp_path, 
 @pytest.mark.slow
 def test_two_processes_with_trials_4_finish_exactly_4_trials(tmp_path, space):
     out = tmp_path / "study"
-    command = gtrain_command("tune", *QUICK, "--set", "train.epochs=1", "--set", "data.batch_size=256", "--space", space,
+    command = gtrain_command("tune", *QUICK, "--set", "train.epochs=1", "--space", space,
                              "--out", out, "--trials", 4, "--json")  # fmt: skip
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env=clean_environment(threads=1)) for _ in range(2)]  # one core each
@@ -112,7 +112,7 @@ def test_a_trial_whose_process_was_killed_is_continued_from_its_checkpoint(tmp_p
     space = tmp_path / "space.toml"
     space.write_text('"optim.lr" = [0.05]\n')
     out = tmp_path / "study"
-    fast = ["--set", "train.checkpoint_steps=2", "--set", "data.batch_size=256"]  # 5 steps per epoch
+    fast = ["--set", "train.checkpoint_steps=2"]
     args = ["tune", *QUICK, *fast, "--space", space, "--out", out, "--trials", 1, "--pruner", "none"]
     killed = run_gtrain(*args, fault="kill-at-step:7")  # in epoch 2 of 2, a step after a checkpoint
     assert killed.returncode == -signal.SIGKILL, killed.stderr
