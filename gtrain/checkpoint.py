@@ -9,7 +9,6 @@ Every write goes through `gtrain.files.write_atomic`, so a crash at any moment l
 previous file intact.
 """
 
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -33,9 +32,7 @@ from gtrain.models import classifier_keys, create_model, stem_weight_key
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, lambda file: torch.save(state, file))
 
 
 def load_state(path: Path) -> dict[str, Any]:
