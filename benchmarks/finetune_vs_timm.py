@@ -11,14 +11,17 @@ same epochs, batch and image size by
               --num-classes 4`, on the CPU, no workers)
 
 each validating every epoch on the same val split. Reported: the best validation top-1
-(gtrain's run.json, timm's summary.csv) and the wall time of the whole command.
+(gtrain's run.json, timm's summary.csv) and the wall time of the whole command. With
+--repeats N each seed runs N times, gtrain and timm in turn, and the time ratio is taken
+pair by pair, so that a machine whose speed drifts moves both sides of a ratio alike.
 
-    python benchmarks/finetune_vs_timm.py --timm-train path/to/timm/train.py --seeds 0 1
+    python benchmarks/finetune_vs_timm.py --timm-train path/to/timm/train.py --seeds 0 1 --repeats 3
 """
 
 import argparse
 import csv
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +45,7 @@ def main() -> None:
     parser.add_argument("--timm-train", type=Path, required=True, help="timm's train.py")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each tool per seed, in turn")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gtrain-vs-timm-"))
     source, target = write_folders(root)
@@ -53,25 +57,29 @@ def main() -> None:
                     "--out", published, "-q"], check=True)  # fmt: skip
     weights = published / "final.safetensors"
     print(f"published: {json.loads((published / 'run.json').read_text())['best_top1']:.2%} on digits 0-5", flush=True)
+    ratios = []
     for seed in args.seeds:
-        out = root / f"gtrain-{seed}"
-        seconds = timed([sys.executable, "-m", "gtrain", "fit", "quickstart", *common, "--set", f"data.root={target}",
-                         "--set", f"model.pretrained={weights}", "--set", f"train.epochs={args.epochs}",
-                         "--set", f"data.batch_size={BATCH}", "--set", "train.freeze_epochs=3",
-                         "--set", "optim.layer_decay=0.7", "--set", "optim.lr=0.05", "--set", "optim.warmup_epochs=1",
-                         "--set", f"train.seed={seed}", "--out", out, "-q"])  # fmt: skip
-        top1 = json.loads((out / "run.json").read_text())["best_top1"]
-        print(f"seed {seed} gtrain  best val top-1 {top1:.2%}  {seconds:.0f} s", flush=True)
-        out = root / f"timm-{seed}"
-        seconds = timed([sys.executable, args.timm_train, "--data-dir", target, "--train-split", "train",
-                         "--val-split", "val", "--model", "resnext50_32x4d", "--pretrained", "--pretrained-path", weights,
-                         "--num-classes", 4, "--img-size", SIZE, "--epochs", args.epochs, "-b", BATCH,
-                         "--device", "cpu", "--workers", 0, "--seed", seed, "--output", out,
-                         "--experiment", "run"])  # fmt: skip
-        with open(out / "run" / "summary.csv") as file:
-            top1 = max(float(row["eval_top1"]) for row in csv.DictReader(file)) / 100
-        print(f"seed {seed} timm    best val top-1 {top1:.2%}  {seconds:.0f} s", flush=True)
-
+        for repeat in range(args.repeats):
+            out = root / f"gtrain-{seed}-{repeat}"
+            gtrain_s = timed([sys.executable, "-m", "gtrain", "fit", "quickstart", *common, "--set", f"data.root={target}",
+                              "--set", f"model.pretrained={weights}", "--set", f"train.epochs={args.epochs}",
+                              "--set", f"data.batch_size={BATCH}", "--set", "train.freeze_epochs=3",
+                              "--set", "optim.layer_decay=0.7", "--set", "optim.lr=0.05", "--set", "optim.warmup_epochs=1",
+                              "--set", f"train.seed={seed}", "--out", out, "-q"])  # fmt: skip
+            gtrain_top1 = json.loads((out / "run.json").read_text())["best_top1"]
+            out = root / f"timm-{seed}-{repeat}"
+            timm_s = timed([sys.executable, args.timm_train, "--data-dir", target, "--train-split", "train",
+                            "--val-split", "val", "--model", "resnext50_32x4d", "--pretrained", "--pretrained-path", weights,
+                            "--num-classes", 4, "--img-size", SIZE, "--epochs", args.epochs, "-b", BATCH,
+                            "--device", "cpu", "--workers", 0, "--seed", seed, "--output", out,
+                            "--experiment", "run"])  # fmt: skip
+            with open(out / "run" / "summary.csv") as file:
+                timm_top1 = max(float(row["eval_top1"]) for row in csv.DictReader(file)) / 100
+            ratios.append(gtrain_s / timm_s)
+            print(f"seed {seed} run {repeat}: gtrain {gtrain_top1:.2%} in {gtrain_s:.0f} s, timm {timm_top1:.2%} "
+                  f"in {timm_s:.0f} s, time ratio {ratios[-1]:.2f}", flush=True)  # fmt: skip
+    print(f"gtrain's time over timm's, median of {len(ratios)} pairs: {statistics.median(ratios):.2f} "
+          f"(range {min(ratios):.2f}-{max(ratios):.2f})")
 
 if __name__ == "__main__":
     main()
