@@ -67,6 +67,10 @@ class WeightsMeta:
     interpolation: str = "bilinear"  # of the evaluation resize; files from before it was saved used bilinear
     resize_size: int | None = None  # cropped data: the short side before the centre crop; None: image_size / 0.875
     full_decode: bool = False  # data.decode = "cpu-full": image files decoded whole, never at a smaller scale
+    # Images per forward pass when the run validated these weights (each process's share of
+    # data.batch_size): `gtrain eval` scores in the same batches, so it gives the logged
+    # numbers. None in files from before it was saved, which validated in data.batch_size.
+    eval_batch_size: int | None = None
 
     def to_strings(self) -> dict[str, str]:
         return {
@@ -82,6 +86,7 @@ class WeightsMeta:
             "interpolation": self.interpolation,
             **({"resize_size": str(self.resize_size)} if self.resize_size is not None else {}),
             "decode": "full" if self.full_decode else "scaled",
+            **({"eval_batch_size": str(self.eval_batch_size)} if self.eval_batch_size is not None else {}),
             "gtrain_version": __version__,
         }
 
@@ -112,6 +117,7 @@ class WeightsMeta:
             resize_size=field.integer("resize_size", 1, MAX_IMAGE_SIZE) if "resize_size" in meta else None,
             # Files from before the scaled decode were validated with whole decodes.
             full_decode=field.choice("decode", ("scaled", "full"), default="full") == "full",
+            eval_batch_size=field.integer("eval_batch_size", 1, MAX_BATCH) if "eval_batch_size" in meta else None,
         )  # fmt: skip
 
 
@@ -119,6 +125,7 @@ class WeightsMeta:
 MAX_CLASSES = 1_000_000
 MAX_CHANNELS = 64
 MAX_IMAGE_SIZE = 8192
+MAX_BATCH = 1_000_000
 MAX_NAME = 1000  # characters of a class or dataset name
 
 

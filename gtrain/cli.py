@@ -117,7 +117,7 @@ def eval_(
     split: Annotated[str, typer.Option(help="Dataset split to evaluate: test, val or train.")] = "test",
     overrides: SetOption = None,
     batch_size: Annotated[
-        Optional[int], typer.Option(min=1, help="Images per batch; default: the run's data.batch_size, as it validated.")
+        Optional[int], typer.Option(min=1, help="Images per batch; default: the batch the run validated the weights in.")
     ] = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = None,

@@ -216,7 +216,7 @@ class EvalSettings:
 
     split: str = "test"
     overrides: tuple[str, ...] = ()  # `--set data.*` only: where the data lies, not what the model is
-    batch_size: int | None = None  # None: the run's data.batch_size, the batch it validated with
+    batch_size: int | None = None  # None: the batch the run validated the weights with
     device: str = "auto"
     precision: str | None = None
     channels_last: bool | None = None
@@ -260,7 +260,8 @@ def score_weights(path: Path, settings: EvalSettings = EvalSettings(), *, progre
     if channels_last:
         model.to(memory_format=torch.channels_last)
     # The run's own batch (its validation's), so that each image is scored in the same batch.
-    loader = make_eval_loader(dataset, batch_size=settings.batch_size or data.batch_size, workers=data.workers,
+    batch_size = settings.batch_size or meta.eval_batch_size or data.batch_size
+    loader = make_eval_loader(dataset, batch_size=batch_size, workers=data.workers,
                               pin_memory=device.type == "cuda", finish=finish, device=device)  # fmt: skip
     result = evaluate(
         model, loader, num_classes=meta.num_classes, device=device, precision=precision, channels_last=channels_last,

@@ -240,7 +240,7 @@ def set_up(
         image_size=recipe.data.eval_image_size or info.image_size, resize_size=recipe.data.eval_resize_size,
         mean=info.mean, std=info.std, class_names=info.class_names, dataset=info.name,
         model_settings=recipe.model_overrides(), interpolation=recipe.data.interpolation,
-        full_decode=recipe.data.full_decode,
+        full_decode=recipe.data.full_decode, eval_batch_size=recipe.data.batch_size // world.size,
     )  # fmt: skip
     records = RunRecords(
         paths=paths, meta=meta, reporter=reporter, is_main=world.is_main,

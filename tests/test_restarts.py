@@ -42,16 +42,17 @@ def epochs_logged(run_dir):
     return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_torchrun_restart_after_a_killed_worker_continues_as_if_left_alone(tmp_path, recipe, left_alone):
+def test_a_dead_worker_is_one_line_and_torchrun_s_restart_continues_as_if_left_alone(tmp_path, recipe, left_alone):
     out = tmp_path / "run"
     # Rank 1 dies after step 7 (epoch 2, step 3); the last checkpoint is that of step 6.
-    result = torchrun("fit", *recipe, "--out", out, restarts=1, fault="kill-rank-at-step:1:7")
-    assert result.returncode == 0, result.stderr[-3000:]
-    # No traceback of the survivor's or torchrun's. The survivor says what happened in one
-    # line when it notices the lost peer before torchrun's agent stops it, which is a race
-    # (the line itself is held by test_distributed's dead-worker test, with no restart).
-    survivor = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert all(line.startswith("error: rank 1 of 2 was lost (") for line in survivor), result.stderr[-3000:]
+    # torchrun stops the survivor as soon as it sees the dead process (every 0.1 s by
+    # default); looking every 2 s lets the survivor say what it saw first, on a loaded machine too.
+    result = run_gtrain("fit", *recipe, "--out", out, torchrun=2, restarts=1, fault="kill-rank-at-step:1:7",
+                        threads=1, timeout=240, monitor_interval_s=2)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]  # and within the timeout: no hang
+    # The survivor's own word: one line, no traceback, neither its nor torchrun's.
+    survivor = [line for line in result.stderr.splitlines() if "by peer" in line]
+    assert len(survivor) == 1 and survivor[0].startswith("error: rank 1 of 2 was lost ("), result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "resuming after epoch 1, step 2" in result.stdout
     assert epochs_logged(out) == [1, 2]

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from safetensors.torch import save_file
 
 from gtrain.checkpoint import WeightsMeta
@@ -62,7 +61,7 @@ MUTATIONS = {
     "model": st.sampled_from(["resnext29_2x16d", "hornet_cifar_nano_7x7", "resnet50", "", "resnext29_8x64d"]),
     "num_classes": numbers_as_text, "in_chans": numbers_as_text, "image_size": numbers_as_text,
     "mean": json_values, "std": json_values, "class_names": json_values, "model_settings": json_values,
-    "dataset": st.text(max_size=30),
+    "dataset": st.text(max_size=30), "eval_batch_size": numbers_as_text,
 }  # fmt: skip
 
 

@@ -392,8 +392,9 @@ class InMemoryLoader:
 def build_loaders(data: DataBundle, *, global_batch: int, seed: int, workers: int, device: torch.device,
                   world: World, balanced: bool = False):  # fmt: skip
     """(train loader, its sampler, val loader) for `data.pipeline`: training batches of
-    global_batch / world.size images per process, validation batches of global_batch images
-    (`evaluation_batches`), on the device or from DataLoaders with `workers` processes.
+    global_batch / world.size images per process; validation batches of as many
+    (`evaluation_batches`), a size that fits the device since training's does; on the
+    device or from DataLoaders with `workers` processes.
     `balanced`: each class drawn equally often (`BalancedSampler`)."""
     batch_size = global_batch // world.size
     shard = dict(rank=world.rank, world_size=world.size)
@@ -407,7 +408,7 @@ def build_loaders(data: DataBundle, *, global_batch: int, seed: int, workers: in
         )  # fmt: skip
         if finish is not None:  # uint8 batches, finished on the device
             train_loader = DeviceBatches(train_loader, finish, device, sampler=sampler, seed=seed)
-        val_loader = make_eval_loader(data.val, batch_size=global_batch, workers=workers, pin_memory=pin_memory,
+        val_loader = make_eval_loader(data.val, batch_size=batch_size, workers=workers, pin_memory=pin_memory,
                                       finish=data.val_finish, device=device, **shard)  # fmt: skip
         return train_loader, sampler, val_loader
     info = data.info
@@ -418,6 +419,6 @@ def build_loaders(data: DataBundle, *, global_batch: int, seed: int, workers: in
         train_images, train_labels, batch_size=batch_size, sampler=sampler, augmentation=data.augmentation,
         seed=seed, **normalize,
     )  # fmt: skip
-    val_loader = InMemoryLoader(val_images, val_labels, batch_size=global_batch, **normalize,
-                                batches=evaluation_batches(len(val_labels), global_batch, **shard))  # fmt: skip
+    val_loader = InMemoryLoader(val_images, val_labels, batch_size=batch_size, **normalize,
+                                batches=evaluation_batches(len(val_labels), batch_size, **shard))  # fmt: skip
     return train_loader, sampler, val_loader
