@@ -33,7 +33,13 @@ def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
         os.chmod(tmp, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH) & ~umask)
         with os.fdopen(fd, "wb") as file:
             if callable(data):
-                data(file)
+                stream = _FileKeepingItsError(file)
+                try:
+                    data(stream)
+                except Exception:
+                    if stream.error is not None:  # a full disk, which torch.save reports as its own error
+                        raise stream.error from None
+                    raise
             else:
                 file.write(data)
             file.flush()
@@ -45,6 +51,27 @@ def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
     except OSError as error:
         Path(tmp).unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {error.strerror}; the previous file is unchanged") from None
+    except BaseException:  # the writer failed, or Ctrl-C: no half-written file left behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _FileKeepingItsError:
+    """The open file as a writer function sees it, keeping the OSError of a failed write:
+    torch.save's zip writer replaces it with a RuntimeError that does not say the disk is full."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -6,6 +6,8 @@ run in this process."""
 
 import json
 import os
+import resource
+import signal
 
 import pytest
 import torch
@@ -89,6 +91,27 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, 
     assert result.exit_code == 2
     assert "not a valid gtrain checkpoint" in result.output and "Traceback" not in result.output
     assert not marker.exists()
+
+
+def test_a_checkpoint_the_disk_cannot_take_is_one_line_and_the_previous_one_stays(tmp_path):
+    """A full disk, as a file size limit: torch.save's own error would not say what happened."""
+    from gtrain.checkpoint import load_state, save_state
+    from gtrain.errors import UserError
+
+    last = tmp_path / "checkpoints" / "last.pt"
+    save_state(last, {"step": torch.tensor(1)})
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, not the process
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+    try:
+        with pytest.raises(UserError) as error:
+            save_state(last, {"step": torch.tensor(2), "weights": torch.zeros(100_000)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert str(error.value) == f"cannot write {last}: File too large; the previous file is unchanged"
+    assert load_state(last)["step"] == 1
+    assert [path.name for path in last.parent.iterdir()] == ["last.pt"]  # no half-written file left
 
 
 def test_truncated_checkpoint_is_one_line(tmp_path, finished_run):
