@@ -32,16 +32,16 @@ def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH) & ~umask)
         with os.fdopen(fd, "wb") as file:
-            if callable(data):
-                stream = _FileKeepingItsError(file)
-                try:
+            stream = _FileKeepingItsError(file)
+            try:
+                if callable(data):
                     data(stream)
-                except Exception:
-                    if stream.error is not None:  # a full disk, which torch.save reports as its own error
-                        raise stream.error from None
-                    raise
-            else:
-                file.write(data)
+                else:
+                    stream.write(data)
+            except Exception:
+                if stream.error is not None:  # a full disk, which torch.save reports as its own error
+                    raise stream.error from None
+                raise
             file.flush()
             if faults.kill_during_save(path.name):  # killed with half the file written
                 os.ftruncate(file.fileno(), file.tell() // 2)
