@@ -21,6 +21,7 @@ is read only after the choice.
 
     python benchmarks/finetune.py --seeds 0 1                # about 5 min on 2 CPU cores
     python benchmarks/finetune.py --seeds 0 1 --search 12    # about 40 min
+    python benchmarks/finetune.py --search 12 --runs all-layers freeze+decay   # those two only
 """
 
 import argparse
@@ -82,6 +83,9 @@ SPACES = {
 }  # fmt: skip
 
 
+RUNS = ("scratch", "all-layers", "freeze+decay", "+balanced", "distilled")
+
+
 def search(root: Path, name: str, settings: list, trials: int) -> tuple[Path, dict]:
     """`gtrain tune` over SPACES[name] on the val split: (best.toml, the JSON summary)."""
     space = root / f"space-{name}.toml"
@@ -111,6 +115,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--search", type=int, default=0, metavar="TRIALS",
                         help="choose each run's settings with gtrain tune on the val split first")  # fmt: skip
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs (distilled needs a tuned run)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gtrain-finetune-"))
     source, target = write_folders(root)
@@ -135,10 +140,14 @@ def main() -> None:
             "+balanced": [*staged, "--set", "data.class_weights=balanced"],
         }
         for name, settings in runs.items():
+            if name not in args.runs:
+                continue
             out = root / f"{name}-{seed}"
             gtrain("fit", "quickstart", *task, *settings, "--set", f"train.seed={seed}", "--out", out, "-q")
             results.setdefault(name, []).append(test_scores(out, target))
             print(f"seed {seed} {name:<14} top-1 {results[name][-1][0]:.2%}  balanced {results[name][-1][1]:.2%}", flush=True)
+        if "distilled" not in args.runs or "freeze+decay" not in args.runs:
+            continue
         out = root / f"distilled-{seed}"
         gtrain("fit", "quickstart", *task, *student, "--set", f"distill.teacher={root / f'freeze+decay-{seed}'}",
                "--set", "distill.temperature=2.0", "--set", f"train.seed={seed}", "--out", out, "-q")  # fmt: skip
@@ -152,12 +161,17 @@ def searched(root: Path, target: Path, task: list, student: list, tuned: list, a
     """Each run's settings chosen on the val split, then every seed tested with them."""
     recipes, summaries = {}, {}
     for name, settings in (("scratch", student), ("all-layers", tuned), ("freeze+decay", tuned)):
-        recipes[name], summaries[name] = search(root, name, [*task, *settings], args.search)
-    teacher_of = max(("all-layers", "freeze+decay"), key=lambda name: summaries[name]["best_value"])
-    teacher = best_trial_run(root, teacher_of, summaries[teacher_of])
-    print(f"teacher: the best {teacher_of} trial, {teacher}", flush=True)
-    recipes["distilled"], _ = search(root, "distilled", [*task, *student, "--set", f"distill.teacher={teacher}"], args.search)
-    recipes["+balanced"] = recipes["freeze+decay"]
+        if name in args.runs or (name == "freeze+decay" and "+balanced" in args.runs):
+            recipes[name], summaries[name] = search(root, name, [*task, *settings], args.search)
+    teachers = [name for name in ("all-layers", "freeze+decay") if name in summaries]
+    if "distilled" in args.runs and teachers:
+        teacher_of = max(teachers, key=lambda name: summaries[name]["best_value"])
+        teacher = best_trial_run(root, teacher_of, summaries[teacher_of])
+        print(f"teacher: the best {teacher_of} trial, {teacher}", flush=True)
+        recipes["distilled"], _ = search(root, "distilled", [*task, *student, "--set", f"distill.teacher={teacher}"], args.search)
+    if "+balanced" in args.runs:
+        recipes["+balanced"] = recipes["freeze+decay"]
+    recipes = {name: recipe for name, recipe in recipes.items() if name in args.runs}
     results: dict[str, list[tuple[float, float]]] = {}
     for seed in args.seeds:
         for name, recipe in recipes.items():

@@ -53,10 +53,25 @@ def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
 
 
-def lr_factor(step: int, *, steps_per_epoch: int, epochs: int, optim: OptimSection) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based)."""
-    total = steps_per_epoch * epochs
-    warmup = round(optim.warmup_epochs * steps_per_epoch)
+def lr_factor(step: int, *, steps_per_epoch: int, epochs: int, optim: OptimSection, freeze_epochs: int = 0) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based).
+
+    With `freeze_epochs` the run has two phases, each with the whole schedule, warmup then
+    decay: the frozen epochs, in which only the classifier trains, and then every layer, as
+    fastai's fine_tune runs them. Without a warmup of its own, the backbone's first steps
+    would come at the peak lr."""
+    frozen_steps = freeze_epochs * steps_per_epoch
+    if 0 < frozen_steps < steps_per_epoch * epochs:
+        if step < frozen_steps:
+            return _phase_factor(step, frozen_steps, steps_per_epoch, optim, first_epoch=0)
+        return _phase_factor(step - frozen_steps, steps_per_epoch * epochs - frozen_steps, steps_per_epoch, optim,
+                             first_epoch=freeze_epochs)  # fmt: skip
+    return _phase_factor(step, steps_per_epoch * epochs, steps_per_epoch, optim, first_epoch=0)
+
+
+def _phase_factor(step: int, total: int, steps_per_epoch: int, optim: OptimSection, *, first_epoch: int) -> float:
+    """The schedule at `step` of a phase of `total` steps that starts at epoch `first_epoch`."""
+    warmup = min(round(optim.warmup_epochs * steps_per_epoch), total)
     if step < warmup:
         return (step + 1) / warmup
     floor = optim.min_lr_ratio
@@ -66,13 +81,16 @@ def lr_factor(step: int, *, steps_per_epoch: int, epochs: int, optim: OptimSecti
     if optim.schedule == "onecycle":
         # Linear up during warmup, then linear down to the floor.
         return floor + (1 - floor) * (1 - progress)
-    if optim.schedule == "multistep":
-        epoch = step // steps_per_epoch
+    if optim.schedule == "multistep":  # milestones count the run's epochs, not the phase's
+        epoch = first_epoch + step // steps_per_epoch
         return optim.gamma ** sum(epoch >= m for m in optim.milestones)
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epochs: int, optim: OptimSection):
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epochs: int, optim: OptimSection, freeze_epochs: int = 0
+):  # fmt: skip
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch=steps_per_epoch, epochs=epochs, optim=optim)
+        optimizer,
+        lambda step: lr_factor(step, steps_per_epoch=steps_per_epoch, epochs=epochs, optim=optim, freeze_epochs=freeze_epochs),
     )

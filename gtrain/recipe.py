@@ -219,7 +219,8 @@ class TrainSection(Section):
     freeze_epochs: int = Field(
         0, ge=0,
         description="fine-tuning: for this many epochs only the classifier trains (a linear probe on model.pretrained); "
-        "the rest keeps its weights and BatchNorm statistics; then every layer trains",
+        "the rest keeps its weights and BatchNorm statistics; then every layer trains, the schedule (warmup, then decay) "
+        "starting again as fastai's fine_tune does",
     )  # fmt: skip
 
 

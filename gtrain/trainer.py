@@ -270,7 +270,8 @@ class Trainer:
             step_model=torch.compile(trained_model) if train.compile else trained_model,
             eval_model=torch.compile(model) if train.compile else model,
             optimizer=optimizer,
-            scheduler=build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=train.epochs, optim=recipe.optim),
+            scheduler=build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=train.epochs, optim=recipe.optim,
+                                      freeze_epochs=train.freeze_epochs),
             scaler=torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16"),
             settings=settings, recipe=recipe, world=world, pretrained=loaded, teacher=teacher,
             # After the wrap: DDP has given every process the main process's initial weights.

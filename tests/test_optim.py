@@ -7,8 +7,9 @@ from gtrain.optim import build_optimizer, lr_factor, param_groups
 from gtrain.recipe import OptimSection
 
 
-def factors(optim, steps_per_epoch=10, epochs=10):
-    return [lr_factor(s, steps_per_epoch=steps_per_epoch, epochs=epochs, optim=optim) for s in range(steps_per_epoch * epochs)]
+def factors(optim, steps_per_epoch=10, epochs=10, freeze_epochs=0):
+    return [lr_factor(s, steps_per_epoch=steps_per_epoch, epochs=epochs, optim=optim, freeze_epochs=freeze_epochs)
+            for s in range(steps_per_epoch * epochs)]  # fmt: skip
 
 
 def test_warmup_rises_linearly_to_the_peak_then_cosine_decays_to_the_floor():
@@ -17,6 +18,20 @@ def test_warmup_rises_linearly_to_the_peak_then_cosine_decays_to_the_floor():
     assert f[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
     assert f[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_after_the_frozen_epochs_every_layer_starts_its_own_warmup_and_decay():
+    optim = OptimSection(schedule="cosine", warmup_epochs=1, min_lr_ratio=0.0)
+    f = factors(optim, steps_per_epoch=2, epochs=6, freeze_epochs=2)
+    frozen, unfrozen = f[:4], f[4:]
+    assert frozen == pytest.approx(factors(optim, steps_per_epoch=2, epochs=2))  # the classifier's own schedule
+    assert unfrozen == pytest.approx(factors(optim, steps_per_epoch=2, epochs=4))  # then it starts again
+    assert unfrozen[:3] == pytest.approx([0.5, 1.0, 1.0])  # warmup from the first unfrozen step, then the peak
+
+
+def test_multistep_milestones_count_the_runs_epochs_with_frozen_ones_too():
+    f = factors(OptimSection(schedule="multistep", milestones=[5, 8], gamma=0.1), freeze_epochs=3)
+    assert f[49] == 1.0 and f[50] == pytest.approx(0.1) and f[80] == pytest.approx(0.01)
 
 
 def test_multistep_divides_at_each_milestone_epoch():
