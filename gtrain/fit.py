@@ -286,7 +286,8 @@ def start_facts(trainer: Trainer, data: DataBundle, paths: RunFolder, resume: bo
     if trainer.teacher is not None:
         distill = recipe.distill
         facts["teacher"] = f"{distill.teacher} (temperature {distill.temperature:g}, alpha {distill.alpha:g})"
-    tuning = [f"the classifier alone for {recipe.train.freeze_epochs} epochs, then every layer"] if recipe.train.freeze_epochs else []
+    freeze = recipe.train.freeze_epochs
+    tuning = [f"the classifier alone for {freeze} epochs, then every layer, the lr schedule starting again"] if freeze else []
     tuning += [f"layer decay {recipe.optim.layer_decay}"] if recipe.optim.layer_decay else []
     tuning += [f"classifier lr x{recipe.optim.head_lr_scale:g}"] if recipe.optim.head_lr_scale != 1.0 else []
     if tuning:

@@ -30,6 +30,25 @@ def test_frozen_epochs_train_the_classifier_alone_and_keep_batchnorm_statistics(
     assert changed == {"fc.weight", "fc.bias"}  # running means and variances included: unchanged
 
 
+def test_the_trainer_starts_the_schedule_again_when_the_backbone_starts_training():
+    from gtrain.distributed import World
+    from gtrain.recipe import load_recipe
+    from gtrain.trainer import Trainer
+
+    recipe, _ = load_recipe("quickstart", ["train.freeze_epochs=2", "train.epochs=4", "optim.warmup_epochs=1",
+                                           "optim.schedule=cosine", "model.pretrained=published.pth"])  # fmt: skip
+    trainer = Trainer.for_model(recipe, num_classes=10, in_chans=1, steps_per_epoch=3, world=World(), device=torch.device("cpu"))
+    lrs = []
+    for _ in range(12):
+        lrs.append(trainer.lr)
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    peak = recipe.optim.lr
+    assert lrs[:3] == pytest.approx([peak / 3, 2 * peak / 3, peak])  # the classifier's warmup
+    assert lrs[3:6] == pytest.approx([peak, 0.75 * peak, 0.25 * peak])  # then its cosine decay
+    assert lrs[6:9] == pytest.approx([peak / 3, 2 * peak / 3, peak])  # every layer: a warmup of its own
+
+
 def test_freeze_epochs_without_published_weights_is_one_line(tmp_path):
     result = invoke("fit", *QUICK, "--set", "train.freeze_epochs=1", "--out", tmp_path / "run")
     assert result.exit_code == 2 and "model.pretrained" in result.output and len(result.output.strip().splitlines()) == 1
