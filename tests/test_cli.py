@@ -134,10 +134,10 @@ def test_models_json_lists_every_model_with_its_size():
 @pytest.mark.slow
 def test_quickstart_learns_the_digits_in_a_shortened_run(tmp_path):
     run = tmp_path / "run"
-    result = invoke("fit", "quickstart", "--set", "train.epochs=3", "--set", "train.precision=fp32", "--out", run, "--quiet")
+    result = invoke("fit", "quickstart", "--set", "train.epochs=2", "--set", "train.precision=fp32", "--out", run, "--quiet")
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    # Chance is 10%; the full 15-epoch recipe reaches 97% or more (docs/benchmarks.md).
+    # Chance is 10%; two epochs reach about 75%, the full 15-epoch recipe 97% or more (docs/benchmarks.md).
     assert rows[-1]["val_top1"] > 0.5
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 
