@@ -11,9 +11,11 @@ same epochs, batch and image size by
               --num-classes 4`, on the CPU, no workers)
 
 each validating every epoch on the same val split. Reported: the best validation top-1
-(gtrain's run.json, timm's summary.csv) and the wall time of the whole command. With
---repeats N each seed runs N times, gtrain and timm in turn, and the time ratio is taken
-pair by pair, so that a machine whose speed drifts moves both sides of a ratio alike.
+(gtrain's run.json, timm's summary.csv), the wall time of the whole command and the CPU time
+its processes used (user and system: on a shared virtual machine it leaves out the time the
+host gave to others, which the wall time includes). With --repeats N each seed runs N times,
+gtrain and timm in turn, and the ratios are taken pair by pair, so that a machine whose speed
+drifts moves both sides of a ratio alike.
 
     python benchmarks/finetune_vs_timm.py --timm-train path/to/timm/train.py --seeds 0 1 --repeats 3
 """
@@ -21,6 +23,7 @@ pair by pair, so that a machine whose speed drifts moves both sides of a ratio a
 import argparse
 import csv
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -34,10 +37,12 @@ from finetune import write_folders  # noqa: E402  the same data as benchmarks/fi
 SIZE, BATCH = 32, 16
 
 
-def timed(command: list) -> float:
-    start = time.perf_counter()
+def timed(command: list) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of the command and the processes it started."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     subprocess.run([str(part) for part in command], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -57,18 +62,18 @@ def main() -> None:
                     "--out", published, "-q"], check=True)  # fmt: skip
     weights = published / "final.safetensors"
     print(f"published: {json.loads((published / 'run.json').read_text())['best_top1']:.2%} on digits 0-5", flush=True)
-    ratios = []
+    ratios, cpu_ratios = [], []
     for seed in args.seeds:
         for repeat in range(args.repeats):
             out = root / f"gtrain-{seed}-{repeat}"
-            gtrain_s = timed([sys.executable, "-m", "gtrain", "fit", "quickstart", *common, "--set", f"data.root={target}",
+            gtrain_s, gtrain_cpu = timed([sys.executable, "-m", "gtrain", "fit", "quickstart", *common, "--set", f"data.root={target}",
                               "--set", f"model.pretrained={weights}", "--set", f"train.epochs={args.epochs}",
                               "--set", f"data.batch_size={BATCH}", "--set", "train.freeze_epochs=3",
                               "--set", "optim.layer_decay=0.7", "--set", "optim.lr=0.05", "--set", "optim.warmup_epochs=1",
                               "--set", f"train.seed={seed}", "--out", out, "-q"])  # fmt: skip
             gtrain_top1 = json.loads((out / "run.json").read_text())["best_top1"]
             out = root / f"timm-{seed}-{repeat}"
-            timm_s = timed([sys.executable, args.timm_train, "--data-dir", target, "--train-split", "train",
+            timm_s, timm_cpu = timed([sys.executable, args.timm_train, "--data-dir", target, "--train-split", "train",
                             "--val-split", "val", "--model", "resnext50_32x4d", "--pretrained", "--pretrained-path", weights,
                             "--num-classes", 4, "--img-size", SIZE, "--epochs", args.epochs, "-b", BATCH,
                             "--device", "cpu", "--workers", 0, "--seed", seed, "--output", out,
@@ -76,10 +81,13 @@ def main() -> None:
             with open(out / "run" / "summary.csv") as file:
                 timm_top1 = max(float(row["eval_top1"]) for row in csv.DictReader(file)) / 100
             ratios.append(gtrain_s / timm_s)
-            print(f"seed {seed} run {repeat}: gtrain {gtrain_top1:.2%} in {gtrain_s:.0f} s, timm {timm_top1:.2%} "
-                  f"in {timm_s:.0f} s, time ratio {ratios[-1]:.2f}", flush=True)  # fmt: skip
-    print(f"gtrain's time over timm's, median of {len(ratios)} pairs: {statistics.median(ratios):.2f} "
-          f"(range {min(ratios):.2f}-{max(ratios):.2f})")
+            cpu_ratios.append(gtrain_cpu / timm_cpu)
+            print(f"seed {seed} run {repeat}: gtrain {gtrain_top1:.2%} in {gtrain_s:.0f} s ({gtrain_cpu:.0f} CPU s), "
+                  f"timm {timm_top1:.2%} in {timm_s:.0f} s ({timm_cpu:.0f} CPU s), time ratio {ratios[-1]:.2f}, "
+                  f"CPU time ratio {cpu_ratios[-1]:.2f}", flush=True)  # fmt: skip
+    for name, values in (("time", ratios), ("CPU time", cpu_ratios)):
+        print(f"gtrain's {name} over timm's, median of {len(values)} pairs: {statistics.median(values):.2f} "
+              f"(range {min(values):.2f}-{max(values):.2f})")
 
 if __name__ == "__main__":
     main()
