@@ -22,6 +22,7 @@ is read only after the choice.
     python benchmarks/finetune.py --seeds 0 1                # about 5 min on 2 CPU cores
     python benchmarks/finetune.py --seeds 0 1 --search 12    # about 40 min
     python benchmarks/finetune.py --search 12 --runs all-layers freeze+decay   # those two only
+    python benchmarks/finetune.py --shots 5 --runs all-layers freeze+decay     # 5, 5, 5 and 1 images
 """
 
 import argparse
@@ -44,8 +45,10 @@ COMMON = ["--set", "data.dataset=ImageFolder", "--set", "data.image_size=16", "-
           "--set", "train.precision=fp32", "--set", "data.val_split=val", "--set", "data.augment=false"]  # fmt: skip
 
 
-def write_folders(root: Path) -> tuple[Path, Path]:
-    """(source ImageFolder, target ImageFolder) from the digits, as 8-bit grey PNGs."""
+def write_folders(root: Path, shots: int = 20) -> tuple[Path, Path]:
+    """(source ImageFolder, target ImageFolder) from the digits, as 8-bit grey PNGs. With
+    `shots` below 20, digits 6-8 get that many training images and digit 9 a quarter of it,
+    from the same draw; validation and test images stay the same."""
     digits = load_digits()
     images = (digits.images * 255 / 16).astype(np.uint8)
     rng = np.random.default_rng(0)
@@ -56,7 +59,8 @@ def write_folders(root: Path) -> tuple[Path, Path]:
             _write(source / split / str(label), images[chosen])
     for label in TARGET_CLASSES:
         members = rng.permutation(np.flatnonzero(digits.target == label))
-        train, rest = members[: TRAIN_PER_CLASS[label]], members[TRAIN_PER_CLASS[label]:]
+        held = TRAIN_PER_CLASS[label]
+        train, rest = members[: min(held, max(1, shots * held // 20))], members[held:]
         for split, chosen in (("train", train), ("val", rest[::2]), ("test", rest[1::2])):
             _write(target / split / str(label), images[chosen])
     return source, target
@@ -115,10 +119,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--search", type=int, default=0, metavar="TRIALS",
                         help="choose each run's settings with gtrain tune on the val split first")  # fmt: skip
+    parser.add_argument("--shots", type=int, default=20, choices=range(1, 21), metavar="1-20",
+                        help="training images of digits 6-8 (digit 9: a quarter); the val and test images stay the same")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs (distilled needs a tuned run)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gtrain-finetune-"))
-    source, target = write_folders(root)
+    source, target = write_folders(root, args.shots)
     published = root / "published"
     gtrain("fit", "quickstart", *COMMON, "--set", f"data.root={source}", "--set", "train.epochs=30",
            "--set", "data.batch_size=64", "--out", published, "-q")  # fmt: skip
