@@ -240,7 +240,8 @@ def set_up(
         image_size=recipe.data.eval_image_size or info.image_size, resize_size=recipe.data.eval_resize_size,
         mean=info.mean, std=info.std, class_names=info.class_names, dataset=info.name,
         model_settings=recipe.model_overrides(), interpolation=recipe.data.interpolation,
-        full_decode=recipe.data.full_decode, eval_batch_size=recipe.data.batch_size // world.size,
+        full_decode=recipe.data.full_decode,
+        eval_batch_size=distributed.per_process_batch(recipe.data.batch_size, world),  # the validation's, as build_loaders makes it
     )  # fmt: skip
     records = RunRecords(
         paths=paths, meta=meta, reporter=reporter, is_main=world.is_main,

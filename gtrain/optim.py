@@ -60,13 +60,11 @@ def lr_factor(step: int, *, steps_per_epoch: int, epochs: int, optim: OptimSecti
     decay: the frozen epochs, in which only the classifier trains, and then every layer, as
     fastai's fine_tune runs them. Without a warmup of its own, the backbone's first steps
     would come at the peak lr."""
-    frozen_steps = freeze_epochs * steps_per_epoch
-    if 0 < frozen_steps < steps_per_epoch * epochs:
-        if step < frozen_steps:
-            return _phase_factor(step, frozen_steps, steps_per_epoch, optim, first_epoch=0)
-        return _phase_factor(step - frozen_steps, steps_per_epoch * epochs - frozen_steps, steps_per_epoch, optim,
-                             first_epoch=freeze_epochs)  # fmt: skip
-    return _phase_factor(step, steps_per_epoch * epochs, steps_per_epoch, optim, first_epoch=0)
+    frozen_epochs = freeze_epochs if freeze_epochs < epochs else 0  # a run frozen throughout: one phase
+    frozen = frozen_epochs * steps_per_epoch
+    if step < frozen:
+        return _phase_factor(step, frozen, steps_per_epoch, optim, first_epoch=0)
+    return _phase_factor(step - frozen, steps_per_epoch * epochs - frozen, steps_per_epoch, optim, first_epoch=frozen_epochs)
 
 
 def _phase_factor(step: int, total: int, steps_per_epoch: int, optim: OptimSection, *, first_epoch: int) -> float:

@@ -26,9 +26,10 @@ def recipe(two_process_recipe):
     return two_process_recipe
 
 
-def torchrun(*args, restarts=0, fault="", timeout=240):
+def torchrun(*args, restarts=0, fault="", timeout=240, monitor_interval_s=None):
     """`gtrain ARGS` as 2 processes under torchrun, one thread each, restarted `restarts` times."""
-    return run_gtrain(*args, torchrun=2, restarts=restarts, fault=fault, threads=1, timeout=timeout)
+    return run_gtrain(*args, torchrun=2, restarts=restarts, fault=fault, threads=1, timeout=timeout,
+                      monitor_interval_s=monitor_interval_s)  # fmt: skip
 
 
 @pytest.fixture
@@ -47,8 +48,7 @@ def test_a_dead_worker_is_one_line_and_torchrun_s_restart_continues_as_if_left_a
     # Rank 1 dies after step 7 (epoch 2, step 3); the last checkpoint is that of step 6.
     # torchrun stops the survivor as soon as it sees the dead process (every 0.1 s by
     # default); looking every 2 s lets the survivor say what it saw first, on a loaded machine too.
-    result = run_gtrain("fit", *recipe, "--out", out, torchrun=2, restarts=1, fault="kill-rank-at-step:1:7",
-                        threads=1, timeout=240, monitor_interval_s=2)  # fmt: skip
+    result = torchrun("fit", *recipe, "--out", out, restarts=1, fault="kill-rank-at-step:1:7", monitor_interval_s=2)
     assert result.returncode == 0, result.stderr[-3000:]  # and within the timeout: no hang
     # The survivor's own word: one line, no traceback, neither its nor torchrun's.
     survivor = [line for line in result.stderr.splitlines() if "by peer" in line]

@@ -28,7 +28,7 @@ from torchvision import transforms
 from gtrain.data.datasets import BatchAugmentation, DataBundle, DeviceFinish, Pipeline, train_labels
 from gtrain.data.images import EncodedImage, decode_whole, jpeg_orientation
 from gtrain.data.randomness import ERASING_STREAM, SAMPLE_STREAM, SampleKey, SeededBySample, drawn_from, seed_of
-from gtrain.distributed import World
+from gtrain.distributed import World, per_process_batch
 from gtrain.errors import UserError
 
 
@@ -396,7 +396,7 @@ def build_loaders(data: DataBundle, *, global_batch: int, seed: int, workers: in
     (`evaluation_batches`), a size that fits the device since training's does; on the
     device or from DataLoaders with `workers` processes.
     `balanced`: each class drawn equally often (`BalancedSampler`)."""
-    batch_size = global_batch // world.size
+    batch_size = per_process_batch(global_batch, world)
     shard = dict(rank=world.rank, world_size=world.size)
     sampler = epoch_sampler(data, seed, global_batch=global_batch, balanced=balanced, **shard)
     if data.pipeline != Pipeline.IN_MEMORY:
