@@ -288,7 +288,7 @@ def start_facts(trainer: Trainer, data: DataBundle, paths: RunFolder, resume: bo
         distill = recipe.distill
         facts["teacher"] = f"{distill.teacher} (temperature {distill.temperature:g}, alpha {distill.alpha:g})"
     freeze = recipe.train.freeze_epochs
-    tuning = [f"the classifier alone for {freeze} epochs, then every layer, the lr schedule starting again"] if freeze else []
+    tuning = [f"the classifier alone for {freeze} epoch{'s' * (freeze > 1)}, then every layer, the lr schedule starting again"] if freeze else []
     tuning += [f"layer decay {recipe.optim.layer_decay}"] if recipe.optim.layer_decay else []
     tuning += [f"classifier lr x{recipe.optim.head_lr_scale:g}"] if recipe.optim.head_lr_scale != 1.0 else []
     if tuning:
