@@ -4,6 +4,7 @@ Every user mistake arrives here as a `UserError` and leaves as one line on stder
 exit code 2; rich lives in this layer and in `progress`.
 """
 
+import gc
 import json
 import os
 import sys
@@ -778,4 +779,10 @@ def export(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        # Python's last garbage collection at exit walks every object that importing torch
+        # and torchvision made: about a second, spent on nothing. Frozen, they are left to
+        # the operating system, as the process's memory is.
+        gc.freeze()
