@@ -189,7 +189,8 @@ def train_and_finish(
     records.reporter.start(start)
     # peers_watched inside recording: run.json then says that a process was lost (fit's own
     # watch covers the set-up, before there is a run.json).
-    with recording(status), distributed.peers_watched(trainer.world), StopRequest() as stop, contextlib.closing(records.metrics_log):
+    with (recording(status), distributed.peers_watched(trainer.world), StopRequest() as stop,
+          contextlib.closing(records.metrics_log), contextlib.closing(trainer)):  # fmt: skip
         status.update(
             status="running", epochs_done=progress.epoch, elapsed_s=progress.elapsed_s,
             best_top1=progress.best_top1 if progress.history else None, best_epoch=progress.best_epoch or None,

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from gtrain import distributed, faults, runtime
 from gtrain.checkpoint import WeightsMeta, load_into, save_state, save_weights
 from gtrain.data import DataBundle, balanced_class_weights, batch_mix, build_data
-from gtrain.data.loaders import build_loaders
+from gtrain.data.loaders import build_loaders, stop_workers
 from gtrain.data.randomness import BATCH_STREAM, drawn_from
 from gtrain.distill import Teacher, load_teacher
 from gtrain.distributed import World
@@ -299,6 +299,11 @@ class Trainer:
             # graph assumes them: both are made again.
             trained = distributed.wrap(self.model, False, self.settings.device, self.world)
             self.step_model = torch.compile(trained) if self.recipe.train.compile else trained
+
+    def close(self) -> None:
+        """Stop the loaders' worker processes (the run is over, however it ended)."""
+        train_loader, _, val_loader = self.loaders
+        stop_workers(train_loader, val_loader)
 
     def train_mode(self) -> None:
         self.step_model.train()

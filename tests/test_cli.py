@@ -2,6 +2,7 @@
 torchvision loaders, and the one-line errors users get for their mistakes."""
 
 import json
+import multiprocessing
 
 import pytest
 import torch
@@ -185,12 +186,15 @@ def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path, imagefolder_root,
         Image.new("RGB", (96, 64), (200, 90, 40)).save(buffer, "JPEG")
         content = buffer.getvalue()[: len(buffer.getvalue()) // 2]
     broken.write_bytes(content)
+    workers_before = set(multiprocessing.active_children())
     result = invoke("fit", *TINY, "--set", "data.dataset=ImageFolder", "--set", f"data.root={imagefolder_root}",
                     "--set", f"data.workers={workers}", "--set", "data.batch_size=8", "--set", "train.epochs=1",
                     "--set", f"data.decode={decode}", "--out", tmp_path / "run")
     assert result.exit_code == 2 and "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and name in errors[0]
+    # The failed run stopped its loaders' workers: `gtrain tune` goes on to its next trial.
+    assert set(multiprocessing.active_children()) <= workers_before
 
 
 def test_an_empty_image_folder_is_one_line(tmp_path):

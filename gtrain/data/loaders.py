@@ -389,6 +389,19 @@ class InMemoryLoader:
         return images
 
 
+def stop_workers(*loaders) -> None:
+    """Stop the worker processes of these loaders (DataLoaders, or gtrain's around them) now,
+    not when the garbage collector frees them: a failed run's loaders are held by the
+    exception's reference cycle, and persistent workers freed from one wait up to 5 s to be
+    joined, in every trial of `gtrain tune` that fails on a file."""
+    for loader in loaders:
+        loader = getattr(loader, "loader", loader)  # DeviceBatches wraps a DataLoader
+        iterator = getattr(loader, "_iterator", None)  # where a DataLoader keeps its persistent workers
+        if iterator is not None:
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+
 def build_loaders(data: DataBundle, *, global_batch: int, seed: int, workers: int, device: torch.device,
                   world: World, balanced: bool = False):  # fmt: skip
     """(train loader, its sampler, val loader) for `data.pipeline`: training batches of
