@@ -392,8 +392,8 @@ class InMemoryLoader:
 def stop_workers(*loaders) -> None:
     """Stop the worker processes of these loaders (DataLoaders, or gtrain's around them) now,
     not when the garbage collector frees them: a failed run's loaders are held by the
-    exception's reference cycle, and persistent workers freed from one wait up to 5 s to be
-    joined, in every trial of `gtrain tune` that fails on a file."""
+    exception's reference cycle, and persistent workers freed from one can wait 5 s to be
+    joined (`gtrain tune` runs its trials, failed ones too, in one process)."""
     for loader in loaders:
         loader = getattr(loader, "loader", loader)  # DeviceBatches wraps a DataLoader
         iterator = getattr(loader, "_iterator", None)  # where a DataLoader keeps its persistent workers
