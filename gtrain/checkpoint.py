@@ -6,11 +6,16 @@ code. Weights for sharing are safetensors with string metadata that is enough to
 rebuild the model and its preprocessing (`gtrain eval model.safetensors`).
 
 Every write goes through `gtrain.files.write_atomic`, so a crash at any moment leaves the
-previous file intact.
+previous file intact. During training the writes go through a `BackgroundSaver`, which
+writes them while the next steps train.
 """
 
+import copy
 import json
 import math
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,8 +223,97 @@ def check_tensor_shapes(meta: WeightsMeta, shapes: dict[str, tuple[int, ...]], s
 
 
 def save_weights(path: Path, model: nn.Module, meta: WeightsMeta) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_weights_copy(path, weights_copy(model), meta)
+
+
+def weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as a weights file holds them: contiguous, on the CPU, copied."""
+    return {key: torch.empty_like(value, device="cpu", memory_format=torch.contiguous_format).copy_(value)
+            for key, value in model.state_dict().items()}  # fmt: skip
+
+
+def save_weights_copy(path: Path, tensors: dict[str, torch.Tensor], meta: WeightsMeta) -> None:
     write_atomic(path, save_safetensors_bytes(tensors, metadata=meta.to_strings()))
+
+
+# ---------------------------------------------------------------------------------------
+# Saving while training goes on
+
+
+class BackgroundSaver:
+    """Writes training state and weights files on one thread, in the order they were
+    asked for, while training goes on.
+
+    Each save copies its tensors to the CPU when it is asked for, so the steps that follow
+    cannot change what is written, and a file holds the run exactly at its step. A failed
+    write (a full disk) is raised by the next save or by `wait`. At most `MAX_COPIES`
+    saves wait at once: a run whose files take longer to write than its epochs take to
+    train waits for them, rather than holding more copies in memory.
+    """
+
+    MAX_COPIES = 3  # an epoch's best weights, best weight average and training state
+
+    def __init__(self) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gtrain-saver")
+        self._pending: deque[tuple[Future, bool]] = deque()  # each write, and whether it holds a copy
+        self._failed = False  # a write failed: what was asked for after it is not done
+
+    def save_state(self, path: Path, state: dict[str, Any]) -> None:
+        self._submit(True, save_state, path, _copied(state))
+
+    def save_weights(self, path: Path, model: nn.Module, meta: WeightsMeta) -> None:
+        self._submit(True, save_weights_copy, path, weights_copy(model), meta)
+
+    def then(self, action: Callable[[], None]) -> None:
+        """Run `action` on the saving thread once the files asked for before it are written."""
+        self._submit(False, action)
+
+    def _submit(self, holds_copy: bool, write: Callable[..., None], *args: Any) -> None:
+        while self._pending and (self._pending[0][0].done() or self._copies() >= self.MAX_COPIES):
+            self._pending.popleft()[0].result()  # an earlier write's error is raised here
+        self._pending.append((self._thread.submit(self._in_order, write, *args), holds_copy))
+
+    def _copies(self) -> int:
+        return sum(holds_copy for _, holds_copy in self._pending)
+
+    def _in_order(self, write: Callable[..., None], *args: Any) -> None:
+        # After a failed write, a later one would leave files that disagree (run.json saying
+        # an epoch that last.pt does not hold): the run fails with the first error instead.
+        if self._failed:
+            return
+        try:
+            write(*args)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def wait(self) -> None:
+        """Return once every file asked for is written; raise the first failed write's error."""
+        while self._pending:
+            self._pending.popleft()[0].result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            for pending, _ in self._pending:  # after a failed write: the rest are not needed
+                pending.cancel()
+            self._thread.shutdown(wait=True)
+
+
+def _copied(value: Any) -> Any:
+    """`value` with every tensor copied to the CPU and every container copied, so that
+    training cannot change it (a state_dict's tensors are the live ones)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        copied = copy.copy(value)  # the same type and attributes (a module state_dict's _metadata)
+        for key, item in value.items():
+            copied[key] = _copied(item)
+        return copied
+    if type(value) in (list, tuple):
+        return type(value)(_copied(item) for item in value)
+    return copy.deepcopy(value)
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], WeightsMeta]:

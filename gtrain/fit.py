@@ -190,7 +190,7 @@ def train_and_finish(
     # peers_watched inside recording: run.json then says that a process was lost (fit's own
     # watch covers the set-up, before there is a run.json).
     with (recording(status), distributed.peers_watched(trainer.world), StopRequest() as stop,
-          contextlib.closing(records.metrics_log), contextlib.closing(trainer)):  # fmt: skip
+          contextlib.closing(records.metrics_log), contextlib.closing(trainer), records.saving()):  # fmt: skip
         status.update(
             status="running", epochs_done=progress.epoch, elapsed_s=progress.elapsed_s,
             best_top1=progress.best_top1 if progress.history else None, best_epoch=progress.best_epoch or None,
@@ -198,13 +198,13 @@ def train_and_finish(
         try:
             stopped_by = trainer.train(records, stop, epoch_end)
         except NonFiniteLoss as fault:
+            records.wait_for_files()  # the message says whether a checkpoint was written
             raise non_finite_error(fault.step, records.paths) from None
-        if stopped_by:
-            status.update(stopped=stopped_by)
         records.save_weights(records.paths.final, trainer.model)
         if trainer.ema is not None:
             records.save_weights(records.paths.final_ema, trainer.ema.module)
-        status.update(status="finished", stopped_early=progress.stopped_early)
+        records.wait_for_files()  # "finished" only once the final weights are there
+        status.update(status="finished", stopped_early=progress.stopped_early, **({"stopped": stopped_by} if stopped_by else {}))
     report = None
     if trainer.recipe.log.report and records.is_main:
         from gtrain.report import ReportSettings, write_report

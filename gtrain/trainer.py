@@ -22,6 +22,7 @@ crash take the same path. What a run writes goes through `RunRecords`, which `gt
 hands to `train`.
 """
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -37,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gtrain import distributed, faults, runtime
-from gtrain.checkpoint import WeightsMeta, load_into, save_state, save_weights
+from gtrain.checkpoint import BackgroundSaver, WeightsMeta, load_into
 from gtrain.data import DataBundle, balanced_class_weights, batch_mix, build_data
 from gtrain.data.loaders import build_loaders, stop_workers
 from gtrain.data.randomness import BATCH_STREAM, drawn_from
@@ -160,7 +161,12 @@ class TrainerSettings:
 @dataclass
 class RunRecords:
     """What a run leaves as it trains: its checkpoint and weights files, metrics.jsonl,
-    run.json and the progress on the terminal. Files are written by the main process only."""
+    run.json and the progress on the terminal. Files are written by the main process only.
+
+    Checkpoint and weights files are written in the background while training goes on
+    (a ResNeXt-50's take seconds each); `wait_for_files` waits for them, and `saving`
+    makes every way out of a run wait for them.
+    """
 
     paths: RunFolder
     meta: WeightsMeta  # what every saved weights file says about itself
@@ -168,14 +174,33 @@ class RunRecords:
     metrics_log: MetricsLog
     status: RunStatus
     is_main: bool
+    saver: BackgroundSaver = field(default_factory=BackgroundSaver)
 
     def save_state(self, state: dict[str, Any]) -> None:
         if self.is_main:
-            save_state(self.paths.last, state)
+            self.saver.save_state(self.paths.last, state)
 
     def save_weights(self, path: Path, module: nn.Module) -> None:
         if self.is_main:
-            save_weights(path, module, self.meta)
+            self.saver.save_weights(path, module, self.meta)
+
+    def update_status_after_files(self, **changes: Any) -> None:
+        """Update run.json once the files asked for before are written: it never says more
+        than the checkpoint holds."""
+        self.saver.then(lambda: self.status.update(**changes))
+
+    def wait_for_files(self) -> None:
+        self.saver.wait()
+
+    @contextlib.contextmanager
+    def saving(self):
+        """Every file asked for is written before the run ends, however it ends: a run
+        stopped by a signal says "checkpoint saved", a failed one keeps its last checkpoint.
+        A failed write's error (a full disk) is the run's error."""
+        try:
+            yield self
+        finally:
+            self.saver.close()
 
 
 # Called after each epoch with its number (from 1) and validation top-1; a reason returned
@@ -437,8 +462,8 @@ class Trainer:
         patience = self.settings.early_stopping_patience
         progress.stopped_early = patience is not None and progress.epoch - progress.best_epoch >= patience
         records.save_state(self.state_dict())
-        records.status.update(epochs_done=progress.epoch, best_top1=progress.best_top1, best_epoch=progress.best_epoch,
-                              elapsed_s=progress.elapsed_s)  # fmt: skip
+        records.update_status_after_files(epochs_done=progress.epoch, best_top1=progress.best_top1,
+                                          best_epoch=progress.best_epoch, elapsed_s=progress.elapsed_s)  # fmt: skip
         return result.top1
 
     def validate(self):

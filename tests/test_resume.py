@@ -114,6 +114,59 @@ def test_a_checkpoint_the_disk_cannot_take_is_one_line_and_the_previous_one_stay
     assert [path.name for path in last.parent.iterdir()] == ["last.pt"]  # no half-written file left
 
 
+def test_a_file_written_while_training_goes_on_holds_the_run_as_it_was_when_saved(tmp_path):
+    """Checkpoints and weights are written on another thread while the next steps change the
+    live tensors in place: each file must hold the values of the step that saved it."""
+    import threading
+
+    from gtrain.checkpoint import BackgroundSaver, WeightsMeta, load_state
+
+    saver = BackgroundSaver()
+    writing = threading.Event()
+    saver.then(writing.wait)  # the saving thread is busy until the test lets it go on
+    model = torch.nn.Linear(3, 2)
+    momentum = torch.ones(4)
+    history = [{"epoch": 1}]
+    meta = WeightsMeta(model="resnext50_32x4d", num_classes=2, in_chans=3, image_size=8, mean=(0.5,) * 3,
+                       std=(0.5,) * 3, class_names=("a", "b"), dataset="test", model_settings={})  # fmt: skip
+    saved_weights = {key: value.clone() for key, value in model.state_dict().items()}
+    saver.save_state(tmp_path / "last.pt", {"momentum": momentum, "history": history, "model": model.state_dict()})
+    saver.save_weights(tmp_path / "best.safetensors", model, meta)
+    with torch.no_grad():  # the steps that follow
+        momentum.mul_(7)
+        model.weight.add_(1)
+    history.append({"epoch": 2})
+    writing.set()
+    saver.close()
+
+    state = load_state(tmp_path / "last.pt")
+    assert torch.equal(state["momentum"], torch.ones(4)) and state["history"] == [{"epoch": 1}]
+    assert_same_weights(state["model"], saved_weights)
+    assert_same_weights(load_file(tmp_path / "best.safetensors"), saved_weights)
+
+
+def test_a_full_disk_during_a_run_is_one_line_and_run_json_says_no_more_than_the_checkpoint(tmp_path, fast):
+    """The checkpoint is written in the background: its error must still end the run with
+    one line, and nothing written after it (run.json's epochs_done) may claim the epoch."""
+    run = tmp_path / "run"
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, not the process
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # Larger than the weights file (best.safetensors), smaller than last.pt, which holds the optimizer's state too.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000_000, limits[1]))  # 5.8 MB and 17.5 MB
+    try:
+        result = invoke("fit", *fast, "--set", "train.epochs=1", "--out", run)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot write {run / 'checkpoints' / 'last.pt'}: File too large; the previous file is unchanged"]
+    assert "Traceback" not in result.output
+    assert (run / "best.safetensors").is_file() and not (run / "checkpoints" / "last.pt").exists()
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "failed" and status["epochs_done"] == 0
+
+
 def test_truncated_checkpoint_is_one_line(tmp_path, finished_run):
     last = finished_run / "checkpoints" / "last.pt"
     original = last.read_bytes()
