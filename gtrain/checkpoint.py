@@ -15,7 +15,7 @@ import json
 import math
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,35 +246,78 @@ class BackgroundSaver:
 
     Each save copies its tensors to the CPU when it is asked for, so the steps that follow
     cannot change what is written, and a file holds the run exactly at its step. A failed
-    write (a full disk) is raised by the next save or by `wait`. At most `MAX_COPIES`
-    saves wait at once: a run whose files take longer to write than its epochs take to
-    train waits for them, rather than holding more copies in memory.
+    write (a full disk) is raised by `check`, the next save or `wait`; what was asked for
+    after it is not done. At most `MAX_COPIES` saves wait at once: a run whose files take
+    longer to write than its epochs take to train waits for them, rather than holding more
+    copies in memory.
     """
 
     MAX_COPIES = 3  # an epoch's best weights, best weight average and training state
 
     def __init__(self) -> None:
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gtrain-saver")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gtrain-saver")
         self._pending: deque[tuple[Future, bool]] = deque()  # each write, and whether it holds a copy
-        self._failed = False  # a write failed: what was asked for after it is not done
+        self._failed = False  # a write failed: what was asked for after it is skipped
+        self._error: BaseException | None = None  # the first failed write's, once it was waited for
 
     def save_state(self, path: Path, state: dict[str, Any]) -> None:
+        self._make_room()
         self._submit(True, save_state, path, _copied(state))
 
     def save_weights(self, path: Path, model: nn.Module, meta: WeightsMeta) -> None:
+        self._make_room()
         self._submit(True, save_weights_copy, path, weights_copy(model), meta)
 
-    def then(self, action: Callable[[], None]) -> None:
+    def after_writes(self, action: Callable[[], None]) -> None:
         """Run `action` on the saving thread once the files asked for before it are written."""
+        self.check()
         self._submit(False, action)
 
-    def _submit(self, holds_copy: bool, write: Callable[..., None], *args: Any) -> None:
-        while self._pending and (self._pending[0][0].done() or self._copies() >= self.MAX_COPIES):
-            self._pending.popleft()[0].result()  # an earlier write's error is raised here
-        self._pending.append((self._thread.submit(self._in_order, write, *args), holds_copy))
+    def check(self) -> None:
+        """Raise the error of a write that has failed, without waiting for any."""
+        while self._pending and self._pending[0][0].done():
+            self._settle_first()
 
-    def _copies(self) -> int:
-        return sum(holds_copy for _, holds_copy in self._pending)
+    def wait(self) -> None:
+        """Return once every file asked for is written; raise the first failed write's error."""
+        while self._pending:
+            self._settle_first()
+
+    def close(self, *, abandon_queued: bool = False) -> BaseException | None:
+        """Wait for every write asked for, or with `abandon_queued` for the one under way
+        alone; return the first failed write's error, or None."""
+        if abandon_queued:
+            for pending, _ in self._pending:
+                pending.cancel()  # one that has started cannot be: it finishes
+        while self._pending:
+            try:
+                self._settle_first()
+            except Exception:  # kept in self._error; the next still has to finish
+                pass
+        self._executor.shutdown(wait=True)
+        return self._error
+
+    def _make_room(self) -> None:
+        self.check()
+        while sum(holds_copy for _, holds_copy in self._pending) >= self.MAX_COPIES:
+            self._settle_first()
+
+    def _settle_first(self) -> None:
+        pending, _ = self._pending[0]
+        try:
+            pending.result()
+        except CancelledError:
+            pass
+        except BaseException as error:
+            if pending.done():  # the write's own error, not a signal that interrupted the wait
+                self._error = self._error or error
+            raise
+        finally:
+            if pending.done():  # not when a signal interrupted the wait: it is waited for again
+                self._pending.popleft()
+
+    def _submit(self, holds_copy: bool, write: Callable[..., None], *args: Any) -> None:
+        self._pending.append((self._executor.submit(self._in_order, write, *args), holds_copy))
 
     def _in_order(self, write: Callable[..., None], *args: Any) -> None:
         # After a failed write, a later one would leave files that disagree (run.json saying
@@ -287,23 +330,11 @@ class BackgroundSaver:
             self._failed = True
             raise
 
-    def wait(self) -> None:
-        """Return once every file asked for is written; raise the first failed write's error."""
-        while self._pending:
-            self._pending.popleft()[0].result()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            for pending, _ in self._pending:  # after a failed write: the rest are not needed
-                pending.cancel()
-            self._thread.shutdown(wait=True)
-
 
 def _copied(value: Any) -> Any:
-    """`value` with every tensor copied to the CPU and every container copied, so that
-    training cannot change it (a state_dict's tensors are the live ones)."""
+    """`value` with every tensor in a dict, list or tuple copied to the CPU and those
+    containers copied (a state_dict's tensors are the live ones, and the progress's history
+    grows); anything else deep-copied."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):

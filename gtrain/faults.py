@@ -15,6 +15,7 @@ them trains on.
 
 import os
 import signal
+from collections.abc import Callable
 
 _FAULT = os.environ.get("GTRAIN_FAULT", "")
 
@@ -27,7 +28,10 @@ def kill_now() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def maybe_signal_at_step(global_step: int) -> None:
+def maybe_signal_at_step(global_step: int, wait_for_files: Callable[[], None]) -> None:
+    """The step's fault, if any. A kill comes once the files asked for are written (in the
+    background): the tests then know which checkpoint it leaves. A kill in the middle of a
+    write is kill-during-save's."""
     if not _FAULT:
         return
     from gtrain.distributed import World, restart_count
@@ -37,6 +41,8 @@ def maybe_signal_at_step(global_step: int) -> None:
         os.kill(os.getpid(), getattr(signal, args[1]))
     first_start = restart_count() == 0
     if kind == "kill-rank-at-step" and global_step == int(args[1]) and World.from_env().rank == int(args[0]) and first_start:
+        wait_for_files()
         kill_now()
     if kind == "kill-at-step" and global_step == int(args[0]) and first_start:
+        wait_for_files()
         kill_now()

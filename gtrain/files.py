@@ -16,6 +16,15 @@ from gtrain import faults
 from gtrain.errors import UserError, printable
 
 
+def _process_umask() -> int:
+    umask = os.umask(0)  # reading it sets it: done once, at import, before any thread writes
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _process_umask()
+
+
 def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
     """Write `data`, or what the function `data` writes into the open file: a checkpoint
     streamed by torch.save is never held in memory whole (a ResNeXt-50 with SGD momentum:
@@ -28,9 +37,7 @@ def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
         raise UserError(f"cannot write {path}: {error.strerror}; choose a writable folder with --out") from None
     try:
         # mkstemp creates the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH) & ~umask)
+        os.chmod(tmp, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH) & ~_UMASK)
         with os.fdopen(fd, "wb") as file:
             stream = _FileKeepingItsError(file)
             try:

@@ -198,13 +198,17 @@ def train_and_finish(
         try:
             stopped_by = trainer.train(records, stop, epoch_end)
         except NonFiniteLoss as fault:
-            records.wait_for_files()  # the message says whether a checkpoint was written
+            with contextlib.suppress(Exception):  # the divergence is the error to show, whatever a write did
+                records.wait_for_files()  # before the line says whether a checkpoint was written
             raise non_finite_error(fault.step, records.paths) from None
         records.save_weights(records.paths.final, trainer.model)
         if trainer.ema is not None:
             records.save_weights(records.paths.final_ema, trainer.ema.module)
-        records.wait_for_files()  # "finished" only once the final weights are there
-        status.update(status="finished", stopped_early=progress.stopped_early, **({"stopped": stopped_by} if stopped_by else {}))
+        records.wait_for_files()  # "finished" once the final weights are there
+        ending = {"status": "finished", "stopped_early": progress.stopped_early}
+        if stopped_by:
+            ending["stopped"] = stopped_by
+        status.update(**ending)
     report = None
     if trainer.recipe.log.report and records.is_main:
         from gtrain.report import ReportSettings, write_report

@@ -185,7 +185,8 @@ class TrainSection(Section):
     )
     checkpoint_minutes: float = Field(10.0, gt=0, description="also checkpoint within an epoch this often")
     checkpoint_steps: int | None = Field(
-        None, ge=1, description="also checkpoint every this many optimizer steps: a restart loses at most that many"
+        None, ge=1, description="also checkpoint every this many optimizer steps: a restart loses at most that many, "
+        "and those trained while the checkpoint was written",
     )
     sync_bn: bool = Field(False, description="SyncBatchNorm across processes under torchrun (CUDA)")
     bn_group_size: int | None = Field(

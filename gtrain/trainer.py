@@ -29,7 +29,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -164,8 +164,9 @@ class RunRecords:
     run.json and the progress on the terminal. Files are written by the main process only.
 
     Checkpoint and weights files are written in the background while training goes on
-    (a ResNeXt-50's take seconds each); `wait_for_files` waits for them, and `saving`
-    makes every way out of a run wait for them.
+    (a ResNeXt-50's take seconds each); metrics.jsonl and run.json are written after them,
+    so that neither says more than the checkpoint holds. `saving` makes every way out of a
+    run wait for them.
     """
 
     paths: RunFolder
@@ -184,23 +185,47 @@ class RunRecords:
         if self.is_main:
             self.saver.save_weights(path, module, self.meta)
 
-    def update_status_after_files(self, **changes: Any) -> None:
-        """Update run.json once the files asked for before are written: it never says more
-        than the checkpoint holds."""
-        self.saver.then(lambda: self.status.update(**changes))
+    def log_epoch(self, history: list[dict[str, Any]], **status_changes: Any) -> None:
+        """Write metrics.jsonl with `history` and update run.json, once the files asked for
+        before are written."""
+        if self.is_main:
+            history = list(history)  # as it is now: the run appends to it
+
+            def log() -> None:
+                self.metrics_log.write(history)
+                self.status.update(**status_changes)
+
+            self.saver.after_writes(log)
+
+    def check_files(self) -> None:
+        """Raise the error of a background write that failed (a full disk): the run ends at
+        once, not at its next checkpoint."""
+        self.saver.check()
 
     def wait_for_files(self) -> None:
         self.saver.wait()
 
     @contextlib.contextmanager
-    def saving(self):
-        """Every file asked for is written before the run ends, however it ends: a run
-        stopped by a signal says "checkpoint saved", a failed one keeps its last checkpoint.
-        A failed write's error (a full disk) is the run's error."""
+    def saving(self) -> Iterator["RunRecords"]:
+        """Every file asked for is written before the run ends, however it ends."""
         try:
             yield self
-        finally:
+        except KeyboardInterrupt:  # a second Ctrl-C: the write under way finishes, no other
+            self.saver.close(abandon_queued=True)
+            raise
+        except Interrupted:
+            failed = self.saver.close()
+            if failed is not None:  # the checkpoint that "stopped by ...; checkpoint saved" promises is not there
+                raise failed from None
+            raise
+        except BaseException:
+            # The run's own error is the one to show. What it says of the files stays true:
+            # each one is written whole or not at all.
             self.saver.close()
+            raise
+        failed = self.saver.close()
+        if failed is not None:
+            raise failed
 
 
 # Called after each epoch with its number (from 1) and validation top-1; a reason returned
@@ -410,7 +435,8 @@ class Trainer:
                     segment.batch_arrived()
                     loss = self.train_step(inputs, targets, segment.global_step)
                     segment.step_taken(loss, len(targets))
-                    faults.maybe_signal_at_step(segment.global_step)
+                    records.check_files()
+                    faults.maybe_signal_at_step(segment.global_step, records.wait_for_files)
                     if segment.report_due(reporter.refresh_s):
                         if not self.world.distributed:  # distributed: checked as the processes agree, together
                             self.check_finite()
@@ -451,7 +477,6 @@ class Trainer:
         records.reporter.epoch_end(row)
         progress.end_epoch(row.to_record())
         progress.elapsed_s = time.perf_counter() - run_start
-        records.metrics_log.write(progress.history)
         if result.top1 > progress.best_top1:
             progress.best_top1, progress.best_epoch = result.top1, epoch + 1
             records.save_weights(records.paths.best, self.model)
@@ -462,8 +487,8 @@ class Trainer:
         patience = self.settings.early_stopping_patience
         progress.stopped_early = patience is not None and progress.epoch - progress.best_epoch >= patience
         records.save_state(self.state_dict())
-        records.update_status_after_files(epochs_done=progress.epoch, best_top1=progress.best_top1,
-                                          best_epoch=progress.best_epoch, elapsed_s=progress.elapsed_s)  # fmt: skip
+        records.log_epoch(progress.history, epochs_done=progress.epoch, best_top1=progress.best_top1,
+                          best_epoch=progress.best_epoch, elapsed_s=progress.elapsed_s)  # fmt: skip
         return result.top1
 
     def validate(self):

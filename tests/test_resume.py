@@ -123,7 +123,7 @@ def test_a_file_written_while_training_goes_on_holds_the_run_as_it_was_when_save
 
     saver = BackgroundSaver()
     writing = threading.Event()
-    saver.then(writing.wait)  # the saving thread is busy until the test lets it go on
+    saver.after_writes(writing.wait)  # the saving thread is busy until the test lets it go on
     model = torch.nn.Linear(3, 2)
     momentum = torch.ones(4)
     history = [{"epoch": 1}]
