@@ -154,7 +154,7 @@ def test_a_full_disk_during_a_run_is_one_line_and_run_json_says_no_more_than_the
     # Larger than the weights file (best.safetensors), smaller than last.pt, which holds the optimizer's state too.
     resource.setrlimit(resource.RLIMIT_FSIZE, (10_000_000, limits[1]))  # 5.8 MB and 17.5 MB
     try:
-        result = invoke("fit", *fast, "--set", "train.epochs=1", "--out", run)
+        result = invoke("fit", *fast, "--set", "train.epochs=1", "--set", "data.batch_size=256", "--out", run)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
