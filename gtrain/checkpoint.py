@@ -223,7 +223,7 @@ def check_tensor_shapes(meta: WeightsMeta, shapes: dict[str, tuple[int, ...]], s
 
 
 def save_weights(path: Path, model: nn.Module, meta: WeightsMeta) -> None:
-    save_weights_copy(path, weights_copy(model), meta)
+    write_weights(path, weights_copy(model), meta)
 
 
 def weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -232,7 +232,7 @@ def weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
             for key, value in model.state_dict().items()}  # fmt: skip
 
 
-def save_weights_copy(path: Path, tensors: dict[str, torch.Tensor], meta: WeightsMeta) -> None:
+def write_weights(path: Path, tensors: dict[str, torch.Tensor], meta: WeightsMeta) -> None:
     write_atomic(path, save_safetensors_bytes(tensors, metadata=meta.to_strings()))
 
 
@@ -266,7 +266,7 @@ class BackgroundSaver:
 
     def save_weights(self, path: Path, model: nn.Module, meta: WeightsMeta) -> None:
         self._make_room()
-        self._submit(True, save_weights_copy, path, weights_copy(model), meta)
+        self._submit(True, write_weights, path, weights_copy(model), meta)
 
     def after_writes(self, action: Callable[[], None]) -> None:
         """Run `action` on the saving thread once the files asked for before it are written."""

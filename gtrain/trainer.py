@@ -213,15 +213,13 @@ class RunRecords:
         except KeyboardInterrupt:  # a second Ctrl-C: the write under way finishes, no other
             self.saver.close(abandon_queued=True)
             raise
-        except Interrupted:
+        except BaseException as error:
             failed = self.saver.close()
-            if failed is not None:  # the checkpoint that "stopped by ...; checkpoint saved" promises is not there
+            # After a stop request, the checkpoint its line promises ("checkpoint saved") is
+            # not there. Any other error is the one to show: what it says of the files stays
+            # true, each one being written whole or not at all.
+            if failed is not None and isinstance(error, Interrupted):
                 raise failed from None
-            raise
-        except BaseException:
-            # The run's own error is the one to show. What it says of the files stays true:
-            # each one is written whole or not at all.
-            self.saver.close()
             raise
         failed = self.saver.close()
         if failed is not None:
